@@ -1,0 +1,35 @@
+"""Harmonizers: pure numpy/scipy/torch, no Nipype.
+
+Submodules and estimator classes are imported lazily so that ``import dmriharmony.harmonizers``
+stays cheap (torch is only imported when the VAE is used).
+
+- :mod:`~dmriharmony.harmonizers.meta`: per-site effect sizes and inverse-variance pooling.
+- :mod:`~dmriharmony.harmonizers.mixed`: mixed-effects mega-analysis, site as a random effect.
+- :class:`ComBat` (:mod:`~dmriharmony.harmonizers.combat`) and its variants.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_SUBMODULES = {"meta", "mixed", "combat", "covbat", "gam", "rish", "vae"}
+_ATTRIBUTES = {
+    "ComBat": "combat",
+    "CovBat": "covbat",
+    "ComBatGAM": "gam",
+}
+
+__all__ = sorted(_SUBMODULES | set(_ATTRIBUTES))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(f"{__name__}.{name}")
+    if name in _ATTRIBUTES:
+        return getattr(import_module(f"{__name__}.{_ATTRIBUTES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
