@@ -1,1 +1,39 @@
-"""dmriharmony.evaluation."""
+"""Evaluation of harmonizers: is the scanner gone, is the biology kept?
+
+- :func:`~dmriharmony.evaluation.site_prediction.site_prediction`: cross-validated site
+  classification, harmonizer fitted inside each training fold (no leakage);
+- :func:`~dmriharmony.evaluation.effects.effect_preservation`: effect estimates (Cohen's d, slopes)
+  before vs after vs truth;
+- :func:`~dmriharmony.evaluation.traveling.traveling_agreement`: traveling-subject between-site
+  CV and RMSE;
+- :func:`~dmriharmony.evaluation.evaluate.evaluate_harmonizer` and
+  :func:`~dmriharmony.evaluation.evaluate.compare_harmonizers`: all of it as one tidy table;
+- :mod:`~dmriharmony.evaluation.estimators`: meta-analysis and mixed model as effect estimators.
+"""
+
+from dmriharmony.evaluation.effects import effect_estimates, effect_preservation
+from dmriharmony.evaluation.estimators import EffectEstimator, meta_analysis, mixed_model
+from dmriharmony.evaluation.evaluate import (
+    compare_harmonizers,
+    evaluate_harmonizer,
+    summarize,
+    to_markdown,
+)
+from dmriharmony.evaluation.site_prediction import SitePredictionResult, site_prediction
+from dmriharmony.evaluation.traveling import traveling_agreement, traveling_preservation
+
+__all__ = [
+    "EffectEstimator",
+    "SitePredictionResult",
+    "compare_harmonizers",
+    "effect_estimates",
+    "effect_preservation",
+    "evaluate_harmonizer",
+    "meta_analysis",
+    "mixed_model",
+    "site_prediction",
+    "summarize",
+    "to_markdown",
+    "traveling_agreement",
+    "traveling_preservation",
+]

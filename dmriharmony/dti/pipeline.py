@@ -1,0 +1,118 @@
+"""File-level DTI steps (path in, path out): what the Nipype interfaces call.
+
+Each step writes its outputs atomically to a given folder and returns their paths, so the
+steps can also be chained from a script without Nipype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dmriharmony.dti.denoise import denoise, remove_gibbs
+from dmriharmony.dti.fit import fit_tensor
+from dmriharmony.dti.gradients import make_gtab, select_shells
+from dmriharmony.dti.io import atomic_write_bytes, load_dwi, load_mask, save_nifti
+from dmriharmony.dti.mask import brain_mask
+
+#: tensor-derived maps written by :func:`fit_tensor_file` (BIDS ``param-`` labels).
+TENSOR_PARAMS = ("fa", "md", "ad", "rd", "v1", "tensor")
+QC_COLUMNS = (
+    "n_voxels", "n_volumes", "shells", "fit_method", "sigma", "sigma_method", "snr",
+    "residual_rmse", "outlier_fraction", "fa_mean", "md_mean", "nonpositive_eigen_fraction",
+)
+
+
+def mask_file(dwi_file: str | Path, bval_file: str | Path, bvec_file: str | Path,
+              out_file: str | Path) -> Path:
+    """Brain mask (median_otsu on the mean b0, :func:`dmriharmony.dti.mask.brain_mask`)."""
+    dwi = load_dwi(dwi_file, bval_file, bvec_file)
+    mask = brain_mask(dwi.data, dwi.bvals)
+    return save_nifti(mask.astype(np.uint8), dwi.affine, out_file, header=dwi.header,
+                      dtype=np.uint8)
+
+
+def preprocess_file(
+    dwi_file: str | Path,
+    bval_file: str | Path,
+    bvec_file: str | Path,
+    out_file: str | Path,
+    *,
+    denoise_method: str = "none",
+    gibbs: bool = False,
+) -> Path:
+    """Optional denoising (MP-PCA / Patch2Self) then Gibbs-ringing removal, as float32."""
+    dwi = load_dwi(dwi_file, bval_file, bvec_file)
+    data = denoise(dwi.data, dwi.bvals, denoise_method)
+    if gibbs:
+        data = remove_gibbs(data)
+    return save_nifti(data, dwi.affine, out_file, header=dwi.header)
+
+
+def fit_tensor_file(
+    dwi_file: str | Path,
+    bval_file: str | Path,
+    bvec_file: str | Path,
+    mask: str | Path,
+    out_dir: str | Path,
+    *,
+    method: str = "wls",
+    bmax: float = 1500.0,
+    b_round: float = 50.0,
+    prefix: str = "dti",
+) -> dict[str, Path | dict]:
+    """Select shells (b <= ``bmax``), fit the tensor and write the maps and QC.
+
+    Writes ``<prefix>_<param>.nii.gz`` for each of :data:`TENSOR_PARAMS`, ``<prefix>_qc.tsv``
+    (one row, :data:`QC_COLUMNS`) and ``<prefix>_fit.json`` (method, shells, volumes used).
+
+    Returns
+    -------
+    dict
+        ``{param: path}`` plus ``"qc"`` (TSV path), ``"fit_json"`` and ``"info"`` (the dict).
+    """
+    out_dir = Path(out_dir)
+    dwi = load_dwi(dwi_file, bval_file, bvec_file)
+    m = load_mask(mask, dwi.data.shape)
+    sel = select_shells(dwi.bvals, dwi.bvecs, bmax=bmax, step=b_round)
+    data = dwi.data[..., sel.index]
+    gtab = make_gtab(sel.bvals, sel.bvecs)
+    maps = fit_tensor(data, gtab, m, method=method)
+    out: dict[str, Path | dict] = {}
+    for param in TENSOR_PARAMS:
+        out[param] = save_nifti(getattr(maps, param), dwi.affine,
+                                out_dir / f"{prefix}_{param}.nii.gz", header=dwi.header)
+    qc = dict(maps.qc, shells=" ".join(str(s) for s in sel.shells))
+    header = "\t".join(QC_COLUMNS)
+    row = "\t".join(_fmt(qc.get(c)) for c in QC_COLUMNS)
+    out["qc"] = atomic_write_bytes(f"{header}\n{row}\n".encode(), out_dir / f"{prefix}_qc.tsv")
+    info = {
+        "FitMethod": method.lower(),
+        "ShellsUsed": sel.shells,
+        "BMax": bmax,
+        "BValueRounding": b_round,
+        "VolumesUsed": [int(i) for i in sel.index],
+        "NVolumesInput": int(dwi.data.shape[3]),
+        "TensorComponentOrder": ["xx", "xy", "yy", "xz", "yz", "zz"],
+        "QC": {k: qc[k] for k in QC_COLUMNS},
+    }
+    out["fit_json"] = atomic_write_bytes(json.dumps(info, indent=2, default=_json_default).encode(),
+                                         out_dir / f"{prefix}_fit.json")
+    out["info"] = info
+    return out
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "n/a" if not np.isfinite(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,76 @@
+"""How the evaluation talks to a harmonizer: fresh instances, fit on some rows, transform others."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from dmriharmony.errors import HarmonizationError
+
+
+@runtime_checkable
+class Harmonizer(Protocol):
+    """What the evaluation needs: ``fit(X, sites, covariates)`` and ``transform(...)``."""
+
+    def fit(self, X: Any, sites: Any, covariates: Any = None) -> Any: ...
+
+    def transform(self, X: Any, sites: Any, covariates: Any = None) -> Any: ...
+
+
+HarmonizerSpec = Harmonizer | Callable[[], Harmonizer] | type
+
+
+def new_harmonizer(spec: HarmonizerSpec) -> Harmonizer:
+    """Return a fresh, unfitted harmonizer from a class, a factory or a template instance.
+
+    An instance is deep-copied (never refitted in place), so state learned in one
+    cross-validation fold cannot reach another.
+    """
+    if isinstance(spec, type):
+        obj = spec()
+    elif isinstance(spec, Harmonizer):
+        obj = copy.deepcopy(spec)
+    elif callable(spec):
+        obj = spec()
+    else:
+        raise HarmonizationError(f"cannot make a harmonizer from {spec!r}: give a class, a "
+                                 "factory (callable) or an instance with fit/transform")
+    if not isinstance(obj, Harmonizer):
+        raise HarmonizationError(f"{type(obj).__name__} has no fit/transform methods")
+    return obj
+
+
+def fit_transform(
+    spec: HarmonizerSpec,
+    train: pd.DataFrame,
+    apply_to: Sequence[pd.DataFrame],
+    features: Sequence[str],
+    site: str,
+    covariates: Sequence[str],
+) -> tuple[Harmonizer, list[np.ndarray]]:
+    """Fit a fresh harmonizer on ``train`` and transform each table of ``apply_to``.
+
+    Features are passed as a DataFrame (columns = feature names), sites as an array of labels and
+    covariates as a DataFrame of the protected columns (``None`` when there are none).
+    """
+    h = new_harmonizer(spec)
+    cov = list(covariates)
+
+    def parts(df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame | None]:
+        X = df[list(features)].astype(float).reset_index(drop=True)
+        c = df[cov].reset_index(drop=True) if cov else None
+        return X, df[site].to_numpy(), c
+
+    h.fit(*parts(train))
+    out = []
+    for df in apply_to:
+        Xh = np.asarray(h.transform(*parts(df)), dtype=float)
+        if Xh.shape != (len(df), len(features)):
+            raise HarmonizationError(f"{type(h).__name__}.transform returned shape {Xh.shape}, "
+                                     f"expected {(len(df), len(features))}")
+        out.append(Xh)
+    return h, out

@@ -1,0 +1,118 @@
+"""Nipype interfaces over :mod:`dmriharmony.dti.pipeline` (thin wrappers, no science here)."""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from dmriharmony.dti.pipeline import fit_tensor_file, mask_file, preprocess_file
+
+
+def _thread_limit(n: int | None):
+    """Context manager capping BLAS/OpenMP threads inside a node (``--omp-nthreads``)."""
+    from contextlib import nullcontext
+
+    if not n:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=int(n))
+
+
+class _DWIInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True, desc="4-D DWI series")
+    bval_file = File(exists=True, mandatory=True, desc="FSL-style b-values")
+    bvec_file = File(exists=True, mandatory=True, desc="FSL-style b-vectors")
+    omp_nthreads = traits.Int(1, usedefault=True, desc="threads for BLAS/OpenMP",
+                              nohash=True)
+
+
+class _BrainMaskOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="binary brain mask")
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask by median_otsu on the mean b0 (:func:`dmriharmony.dti.mask.brain_mask`)."""
+
+    input_spec = _DWIInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        with _thread_limit(self.inputs.omp_nthreads):
+            out = mask_file(self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file,
+                            os.path.join(runtime.cwd, "brain_mask.nii.gz"))
+        self._results["out_mask"] = str(out)
+        return runtime
+
+
+class _PreprocessInputSpec(_DWIInputSpec):
+    denoise = traits.Enum("none", "mppca", "patch2self", usedefault=True)
+    gibbs = traits.Bool(False, usedefault=True, desc="remove Gibbs ringing")
+
+
+class _PreprocessOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="pre-processed DWI series (float32)")
+
+
+class PreprocessDWI(SimpleInterface):
+    """Optional MP-PCA/Patch2Self denoising and Gibbs removal (:mod:`dmriharmony.dti.denoise`)."""
+
+    input_spec = _PreprocessInputSpec
+    output_spec = _PreprocessOutputSpec
+
+    def _run_interface(self, runtime):
+        with _thread_limit(self.inputs.omp_nthreads):
+            out = preprocess_file(
+                self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file,
+                os.path.join(runtime.cwd, "dwi_preproc.nii.gz"),
+                denoise_method=self.inputs.denoise, gibbs=self.inputs.gibbs,
+            )
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+class _FitInputSpec(_DWIInputSpec):
+    mask_file = File(exists=True, mandatory=True, desc="brain mask")
+    method = traits.Enum("wls", "ols", "nlls", "restore", usedefault=True)
+    bmax = traits.Float(1500.0, usedefault=True, desc="largest shell used (s/mm^2)")
+    b_round = traits.Float(50.0, usedefault=True, desc="b-value rounding step")
+
+
+class _FitOutputSpec(TraitedSpec):
+    fa = File(exists=True)
+    md = File(exists=True)
+    ad = File(exists=True)
+    rd = File(exists=True)
+    v1 = File(exists=True)
+    tensor = File(exists=True)
+    qc_file = File(exists=True, desc="one-row QC TSV")
+    fit_json = File(exists=True, desc="fit description (method, shells, volumes, QC)")
+    fit_info = traits.Dict(desc="the content of fit_json")
+
+
+class FitTensor(SimpleInterface):
+    """Shell selection and DIPY tensor fit (:func:`dmriharmony.dti.pipeline.fit_tensor_file`)."""
+
+    input_spec = _FitInputSpec
+    output_spec = _FitOutputSpec
+
+    def _run_interface(self, runtime):
+        with _thread_limit(self.inputs.omp_nthreads):
+            out = fit_tensor_file(
+                self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file,
+                self.inputs.mask_file, runtime.cwd, method=self.inputs.method,
+                bmax=self.inputs.bmax, b_round=self.inputs.b_round,
+            )
+        for key in ("fa", "md", "ad", "rd", "v1", "tensor"):
+            self._results[key] = str(out[key])
+        self._results["qc_file"] = str(out["qc"])
+        self._results["fit_json"] = str(out["fit_json"])
+        self._results["fit_info"] = out["info"]
+        return runtime
