@@ -11,24 +11,35 @@
 - :mod:`~dmriharmony.evaluation.estimators`: meta-analysis and mixed model as effect estimators.
 """
 
+from __future__ import annotations
+
+from dmriharmony.evaluation._harmonizer import NoHarmonization
 from dmriharmony.evaluation.effects import effect_estimates, effect_preservation
 from dmriharmony.evaluation.estimators import EffectEstimator, meta_analysis, mixed_model
 from dmriharmony.evaluation.evaluate import (
     compare_harmonizers,
+    default_harmonizers,
     evaluate_harmonizer,
     summarize,
     to_markdown,
 )
-from dmriharmony.evaluation.site_prediction import SitePredictionResult, site_prediction
+from dmriharmony.evaluation.site_prediction import (
+    SitePredictionResult,
+    make_classifier,
+    site_prediction,
+)
 from dmriharmony.evaluation.traveling import traveling_agreement, traveling_preservation
 
 __all__ = [
     "EffectEstimator",
+    "NoHarmonization",
     "SitePredictionResult",
     "compare_harmonizers",
+    "default_harmonizers",
     "effect_estimates",
     "effect_preservation",
     "evaluate_harmonizer",
+    "make_classifier",
     "meta_analysis",
     "mixed_model",
     "site_prediction",

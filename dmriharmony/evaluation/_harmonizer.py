@@ -21,16 +21,19 @@ class Harmonizer(Protocol):
     def transform(self, X: Any, sites: Any, covariates: Any = None) -> Any: ...
 
 
-HarmonizerSpec = Harmonizer | Callable[[], Harmonizer] | type
+HarmonizerSpec = Harmonizer | Callable[[], Harmonizer] | type | None
 
 
 def new_harmonizer(spec: HarmonizerSpec) -> Harmonizer:
     """Return a fresh, unfitted harmonizer from a class, a factory or a template instance.
 
+    ``None`` gives :class:`NoHarmonization` (the identity).
     An instance is deep-copied (never refitted in place), so state learned in one
     cross-validation fold cannot reach another.
     """
-    if isinstance(spec, type):
+    if spec is None:
+        obj = NoHarmonization()
+    elif isinstance(spec, type):
         obj = spec()
     elif isinstance(spec, Harmonizer):
         obj = copy.deepcopy(spec)
@@ -74,3 +77,21 @@ def fit_transform(
                                      f"expected {(len(df), len(features))}")
         out.append(Xh)
     return h, out
+
+
+class NoHarmonization:
+    """The identity "harmonizer": the baseline row of a comparison (raw data, site effects kept).
+
+    ``fit`` only records the feature count; ``transform`` returns the features unchanged.
+    """
+
+    def fit(self, X: Any, sites: Any, covariates: Any = None) -> NoHarmonization:
+        self.n_features_in_ = np.asarray(X, dtype=float).shape[1]
+        return self
+
+    def transform(self, X: Any, sites: Any, covariates: Any = None) -> np.ndarray:
+        X = np.asarray(X, dtype=float)
+        if X.ndim != 2 or X.shape[1] != getattr(self, "n_features_in_", X.shape[1]):
+            raise HarmonizationError(f"expected {self.n_features_in_} feature columns, got "
+                                     f"shape {X.shape}")
+        return X.copy()

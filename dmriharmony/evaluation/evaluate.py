@@ -14,20 +14,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.evaluation._design import check_columns
-from dmriharmony.evaluation._harmonizer import HarmonizerSpec, fit_transform
+from dmriharmony.evaluation._harmonizer import HarmonizerSpec, NoHarmonization, fit_transform
 from dmriharmony.evaluation.effects import effect_estimates, effect_preservation
-from dmriharmony.evaluation.estimators import EffectEstimator
+from dmriharmony.evaluation.estimators import EffectEstimator, meta_analysis, mixed_model
 from dmriharmony.evaluation.site_prediction import site_prediction
 from dmriharmony.evaluation.traveling import traveling_preservation
 
-__all__ = ["COLUMNS", "compare_harmonizers", "evaluate_harmonizer", "summarize",
-           "to_markdown"]
+__all__ = ["COLUMNS", "compare_harmonizers", "default_harmonizers", "evaluate_harmonizer",
+           "summarize", "to_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +117,14 @@ def evaluate_harmonizer(
 
     Returns
     -------
-    Tidy DataFrame with :data:`COLUMNS`. Metrics: ``site_balanced_accuracy`` (truth = chance
-    level 1/n_sites), ``site_chance_permutation`` (if requested), ``{effect}_d``, ``{t}_beta``
-    (per feature and ``ALL``), ``traveling_cv``/``traveling_rmse``/``traveling_rmse_truth``.
+    Tidy DataFrame with :data:`COLUMNS`. Metrics: ``site_balanced_accuracy`` (harmonizer
+    fitted inside each training fold; truth = chance level 1/n_sites),
+    ``site_balanced_accuracy_leaky`` (one harmonizer fitted on all rows, test rows included: the
+    leak made visible), ``site_chance_permutation`` (if requested), ``{effect}_d``, ``{t}_beta``
+    (per feature and ``ALL``), with ``truth["clean"]`` also ``rmse_to_clean`` and
+    ``{effect}_d_clean`` (see :func:`_clean_rows`), and with a traveling table
+    ``traveling_cv``/``traveling_rmse``/``traveling_rmse_truth``. ``rel_err_*`` is
+    ``(estimate - truth) / |truth|`` for the effect metrics, NaN elsewhere.
     """
     covariates = list(covariates)
     features = _resolve(table, features, site, covariates, effect, subject, truth)
@@ -136,6 +143,9 @@ def evaluate_harmonizer(
     parts.append(pd.DataFrame({"metric": ["site_balanced_accuracy"], "feature": ["ALL"],
                                "before": [sp.before], "after": [sp.after],
                                "truth": [sp.chance]}))
+    parts.append(pd.DataFrame({"metric": ["site_balanced_accuracy_leaky"], "feature": ["ALL"],
+                               "before": [sp.before], "after": [sp.after_leaky],
+                               "truth": [sp.chance]}))
     if n_permutations > 0:
         parts.append(pd.DataFrame({"metric": ["site_chance_permutation"], "feature": ["ALL"],
                                    "before": [sp.chance_permutation],
@@ -149,6 +159,10 @@ def evaluate_harmonizer(
     after[features] = harmonized[0]
     parts.append(effect_preservation(table, after, features, effect, model_cov, truth,
                                      effect_site))
+    clean = _clean_table(truth, table, features, subject)
+    if clean is not None:
+        parts.append(_clean_rows(table, after, clean, features, effect, model_cov, truth,
+                                 effect_site))
     if traveling is not None:
         trav_after = traveling.reset_index(drop=True).copy()
         trav_after[features] = harmonized[1]
@@ -156,6 +170,72 @@ def evaluate_harmonizer(
                                             features, subject, site, traveling_clean))
     out = pd.concat(parts, ignore_index=True)
     return _finish(out)
+
+
+def _clean_table(
+    truth: Mapping | None, table: pd.DataFrame, features: list[str], subject: str
+) -> pd.DataFrame | None:
+    """The simulator's site-free table of the same scans (``truth["clean"]``), checked."""
+    if truth is None or truth.get("clean") is None:
+        return None
+    clean = pd.DataFrame(truth["clean"]).reset_index(drop=True)
+    check_columns(clean, features, "truth['clean']")
+    if len(clean) != len(table):
+        raise HarmonizationError(f"truth['clean'] has {len(clean)} rows, the table {len(table)}")
+    if subject in clean.columns and subject in table.columns and not np.array_equal(
+            clean[subject].astype(str).to_numpy(), table[subject].astype(str).to_numpy()):
+        raise HarmonizationError(f"truth['clean'] rows are not the table's rows (column "
+                                 f"{subject!r} differs)")
+    return clean
+
+
+def _clean_rows(
+    table: pd.DataFrame, after: pd.DataFrame, clean: pd.DataFrame, features: list[str],
+    effect: str, model_cov: list[str], truth: Mapping | None, effect_site: str | None,
+) -> pd.DataFrame:
+    """Metrics that need the site-free values of the same scans (simulation only).
+
+    ``rmse_to_clean``: root mean square difference to the site-free values, raw (``before``)
+    and harmonized (``after``); ideal 0. ``{effect}_d_clean``: the effect estimated on the
+    site-free table, i.e. the best any harmonizer can do on these subjects (its distance to the
+    truth is sampling error, not harmonization error).
+    """
+    Xc = clean[features].to_numpy(dtype=float)
+    raw = table[features].to_numpy(dtype=float)
+    har = after[features].to_numpy(dtype=float)
+    rb = np.sqrt(np.nanmean((raw - Xc) ** 2, axis=0))
+    ra = np.sqrt(np.nanmean((har - Xc) ** 2, axis=0))
+    parts = [
+        pd.DataFrame({"metric": "rmse_to_clean", "feature": features, "before": rb, "after": ra,
+                      "truth": 0.0}),
+        pd.DataFrame({"metric": ["rmse_to_clean"], "feature": ["ALL"], "before": [rb.mean()],
+                      "after": [ra.mean()], "truth": [0.0]}),
+    ]
+    ec = effect_estimates(clean.assign(**{c: table[c].to_numpy() for c in [effect, *model_cov]
+                                          if c in table.columns}),
+                          features, effect, model_cov, effect_site)
+    metric = f"{effect}_d"
+    if metric in ec.columns:
+        tv = _truth_values(truth, metric, features)
+        est = ec[metric].to_numpy()
+        parts += [
+            pd.DataFrame({"metric": f"{metric}_clean", "feature": features, "before": est,
+                          "after": est, "truth": tv}),
+            pd.DataFrame({"metric": [f"{metric}_clean"], "feature": ["ALL"],
+                          "before": [est.mean()], "after": [est.mean()],
+                          "truth": [tv.mean()]}),
+        ]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _truth_values(truth: Mapping | None, metric: str, features: list[str]) -> np.ndarray:
+    t = truth.get(metric) if truth is not None else None
+    if isinstance(t, pd.Series):
+        missing = [f for f in features if f not in t.index]
+        if missing:
+            raise HarmonizationError(f"truth[{metric!r}] has no value for feature {missing[0]!r}")
+        return t.loc[features].to_numpy(dtype=float)
+    return np.full(len(features), np.nan if t is None else float(t))
 
 
 def _evaluate_estimator(
@@ -167,9 +247,7 @@ def _evaluate_estimator(
     if metric not in before.columns:
         raise HarmonizationError(f"effect {effect!r} is not binary: no Cohen's d to compare")
     after = est(table, features, site, effect, model_cov)
-    t = truth.get(metric) if truth is not None else None
-    tv = (pd.Series(t).loc[features].to_numpy(dtype=float) if isinstance(t, pd.Series)
-          else np.full(len(features), np.nan if t is None else float(t)))
+    tv = _truth_values(truth, metric, features)
     out = pd.DataFrame({"metric": metric, "feature": features,
                         "before": before[metric].to_numpy(), "after": after.to_numpy(),
                         "truth": tv})
@@ -182,7 +260,7 @@ def _evaluate_estimator(
 
 def _finish(out: pd.DataFrame) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel = out["metric"].str.endswith(("_d", "_beta"))
+        rel = out["metric"].str.endswith(("_d", "_beta", "_d_clean"))
         out["rel_err_before"] = np.where(rel, (out["before"] - out["truth"]) / out["truth"].abs(),
                                          np.nan)
         out["rel_err_after"] = np.where(rel, (out["after"] - out["truth"]) / out["truth"].abs(),
@@ -197,25 +275,65 @@ def compare_harmonizers(
 ) -> pd.DataFrame:
     """Run :func:`evaluate_harmonizer` for every named harmonizer on the same table and folds.
 
-    Returns the tidy tables stacked with a leading ``harmonizer`` column.
+    Parameters
+    ----------
+    harmonizers : mapping name -> harmonizer spec or effect estimator
+        ``None`` stands for no harmonization (the raw-data baseline); see
+        :func:`default_harmonizers` for the standard set.
+    table : DataFrame
+        As in :func:`evaluate_harmonizer`.
+    **kwargs
+        Passed to :func:`evaluate_harmonizer` (same folds and seed for every harmonizer).
+
+    Returns
+    -------
+    The tidy tables stacked with a leading ``harmonizer`` column.
     """
     if not harmonizers:
         raise HarmonizationError("no harmonizer to compare")
     frames = []
-    for name, spec in harmonizers.items():
+    for name, spec in tqdm(harmonizers.items(), desc="harmonizers", disable=None):
         logger.info("evaluating %s", name)
-        res = evaluate_harmonizer(spec, table, **kwargs)
+        res = evaluate_harmonizer(NoHarmonization if spec is None else spec, table, **kwargs)
         res.insert(0, "harmonizer", name)
         frames.append(res)
     return pd.concat(frames, ignore_index=True)
 
 
-def summarize(results: pd.DataFrame, effect: str = "dx") -> pd.DataFrame:
+def default_harmonizers(smooth: str = "age") -> dict[str, HarmonizerSpec | EffectEstimator]:
+    """The standard comparison set, for :func:`compare_harmonizers`.
+
+    ``none`` (raw data); ComBat (Fortin et al. 2017): parametric EB, non-parametric EB,
+    mean-only; CovBat (Chen et al., *Hum Brain Mapp* 2022); ComBat-GAM (Pomponio et al.,
+    *NeuroImage* 2020) with a smooth term for ``smooth``; and the effect estimators that
+    do not harmonize data: random-effects meta-analysis of per-site d (REML) and the mixed model
+    with a random site intercept (REML).
+    """
+    from dmriharmony.harmonizers import ComBat, ComBatGAM, CovBat
+
+    return {
+        "none": NoHarmonization,
+        "combat": partial(ComBat, parametric=True),
+        "combat_nonparametric": partial(ComBat, parametric=False),
+        "combat_mean_only": partial(ComBat, mean_only=True),
+        "covbat": CovBat,
+        "combat_gam": partial(ComBatGAM, smooth=[smooth]),
+        "meta_analysis": meta_analysis("REML"),
+        "mixed_model": mixed_model(reml=True),
+    }
+
+
+def summarize(
+    results: pd.DataFrame, effect: str = "dx", site_tol: float = 0.1, effect_tol: float = 0.1
+) -> pd.DataFrame:
     """One row per harmonizer from :func:`compare_harmonizers` output (feature ``ALL`` rows).
 
-    Columns: site balanced accuracy before/after and chance; mean ``{effect}_d`` before/after/
-    truth and relative error after; mean age slope relative error after (if present);
-    traveling CV before/after (if present).
+    Columns: site balanced accuracy before, after (fitted in-fold), after with the leaky protocol
+    (fitted on all rows) and chance; mean ``{effect}_d`` before/after, on the site-free data
+    (``_clean``) and true, relative error after; mean age-slope relative error after; RMSE to
+    the site-free values before/after; traveling-subject CV (%) before/after. Then two pass/fail
+    columns, the acceptance criteria: ``site_ok`` (``|after - chance| <= site_tol``) and
+    ``effect_ok`` (``|rel_err_after of d| <= effect_tol``); NaN where not measured.
     """
     res = results if "harmonizer" in results.columns else results.assign(harmonizer="harmonizer")
     allrows = res[res["feature"] == "ALL"]
@@ -227,20 +345,33 @@ def summarize(results: pd.DataFrame, effect: str = "dx") -> pd.DataFrame:
         def get(metric: str, col: str, sub: pd.DataFrame = sub) -> float:
             return float(sub.at[metric, col]) if metric in sub.index else np.nan
 
+        acc, chance = get("site_balanced_accuracy", "after"), get("site_balanced_accuracy", "truth")
+        rel = get(f"{effect}_d", "rel_err_after")
         rows.append({
             "harmonizer": name,
             "site_acc_before": get("site_balanced_accuracy", "before"),
-            "site_acc_after": get("site_balanced_accuracy", "after"),
-            "chance": get("site_balanced_accuracy", "truth"),
+            "site_acc_after": acc,
+            "site_acc_after_leaky": get("site_balanced_accuracy_leaky", "after"),
+            "chance": chance,
             f"{effect}_d_before": get(f"{effect}_d", "before"),
             f"{effect}_d_after": get(f"{effect}_d", "after"),
+            f"{effect}_d_clean": get(f"{effect}_d_clean", "after"),
             f"{effect}_d_truth": get(f"{effect}_d", "truth"),
-            f"{effect}_d_rel_err_after": get(f"{effect}_d", "rel_err_after"),
+            f"{effect}_d_rel_err_after": rel,
             "age_beta_rel_err_after": get("age_beta", "rel_err_after"),
+            "rmse_to_clean_before": get("rmse_to_clean", "before"),
+            "rmse_to_clean_after": get("rmse_to_clean", "after"),
             "traveling_cv_before": get("traveling_cv", "before"),
             "traveling_cv_after": get("traveling_cv", "after"),
+            "site_ok": _flag(abs(acc - chance) <= site_tol, acc, chance),
+            "effect_ok": _flag(abs(rel) <= effect_tol, rel),
         })
     return pd.DataFrame(rows).set_index("harmonizer")
+
+
+def _flag(ok: bool, *values: float) -> object:
+    """``True``/``False``, or NaN when a value needed to decide is missing."""
+    return np.nan if any(np.isnan(v) for v in values) else bool(ok)
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: str = ".3f") -> str:

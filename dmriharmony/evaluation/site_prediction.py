@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
@@ -52,9 +53,22 @@ logger = logging.getLogger(__name__)
 class SitePredictionResult:
     """Balanced accuracies of site prediction, before and after harmonization.
 
-    ``before``/``after`` are the means over folds; ``*_folds`` the per-fold scores; ``chance`` is
-    ``1/n_sites``; ``chance_permutation`` the mean balanced accuracy with shuffled site labels
-    (NaN unless permutations were requested) and ``chance_permutation_q95`` its 95th percentile.
+    Attributes
+    ----------
+    before, after : float
+        Mean over folds of the held-out balanced accuracy on the raw features and on features
+        harmonized by a model fitted on the training fold only (the honest score).
+    after_leaky : float
+        The same classifier and folds on features harmonized by one model fitted on *all* rows
+        (held-out rows included), as done when a table is harmonized first and analysed next.
+        Its gap to ``after`` shows how much fitting on the test rows flatters the harmonizer.
+    chance : float
+        ``1 / n_sites``, the expected balanced accuracy of a classifier that ignores the features.
+    chance_permutation, chance_permutation_q95 : float
+        Mean and 95th percentile of the CV balanced accuracy with shuffled site labels (NaN
+        unless permutations were requested).
+    before_folds, after_folds, after_leaky_folds : list of float
+        Per-fold scores.
     """
 
     before: float
@@ -62,50 +76,62 @@ class SitePredictionResult:
     chance: float
     n_sites: int
     n_splits: int
+    after_leaky: float = float("nan")
     before_folds: list[float] = field(default_factory=list)
     after_folds: list[float] = field(default_factory=list)
+    after_leaky_folds: list[float] = field(default_factory=list)
     chance_permutation: float = float("nan")
     chance_permutation_q95: float = float("nan")
 
 
 def make_classifier(kind: str = "logistic", seed: int = 0):
-    """Classifier used to predict site: ``"logistic"`` (standardised features, multinomial
-    L2-regularised logistic regression) or ``"forest"`` (random forest, 200 trees, seeded)."""
+    """Classifier used to predict site.
+
+    ``"logistic"``: standardised features, multinomial L2-regularised logistic regression
+    (``C=1``); ``"forest"``: random forest, 200 trees, seeded; ``"lda"``: linear discriminant
+    analysis (the classifier of the site-prediction checks in Fortin et al. 2018).
+    """
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
     if kind == "forest":
         return RandomForestClassifier(n_estimators=200, random_state=seed, n_jobs=1)
-    raise HarmonizationError(f"unknown classifier {kind!r}: use 'logistic' or 'forest'")
+    if kind == "lda":
+        return LinearDiscriminantAnalysis()
+    raise HarmonizationError(f"unknown classifier {kind!r}: use 'logistic', 'forest' or 'lda'")
 
 
 def _residualize(
-    X_train: np.ndarray, X_test: np.ndarray, train: pd.DataFrame, test: pd.DataFrame,
-    site: str, covariates: Sequence[str],
+    X_train: np.ndarray, X_test: np.ndarray, C_train: np.ndarray, C_test: np.ndarray,
+    sites_train: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Remove covariate effects estimated on the training fold with site as a fixed effect."""
-    C_train, _ = covariate_design(train, covariates)
-    C_test, names = covariate_design(test, covariates)
-    if C_train.shape[1] != C_test.shape[1]:
-        raise HarmonizationError("a categorical covariate has levels in the test fold that the "
-                                 "training fold lacks")
-    levels = sorted(train[site].astype(str).unique())
-    D = np.hstack([site_dummies(train[site].to_numpy(), levels), C_train])
+    """Subtract covariate effects fitted on the training fold (features ~ site + covariates).
+
+    Site enters as a fixed effect so that the covariate slopes are within-site slopes, which
+    confounding between site and biology cannot bias.
+    """
+    levels = sorted(np.unique(sites_train))
+    D = np.hstack([site_dummies(sites_train, levels), C_train])
     k = len(levels)
     Xc = np.where(np.isnan(X_train), np.nanmean(X_train, axis=0), X_train)
     beta = ols(D, Xc)["beta"][k:]
     return X_train - C_train @ beta, X_test - C_test @ beta
 
 
-def _cv_scores(
-    X: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], classifier: str,
-    seed: int,
-) -> list[float]:
-    scores = []
-    for tr, te in folds:
-        clf = make_classifier(classifier, seed)
-        clf.fit(X[tr], y[tr])
-        scores.append(balanced_accuracy_score(y[te], clf.predict(X[te])))
-    return scores
+def _score(
+    A: np.ndarray, B: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
+    C_train: np.ndarray | None, C_test: np.ndarray | None, classifier: str, seed: int,
+) -> float:
+    """Balanced accuracy of one fold: optional residualisation, mean imputation, classifier."""
+    if C_train is not None and C_train.shape[1]:
+        A, B = _residualize(A, B, C_train, C_test, y_train)
+    # Classifiers need complete rows: impute with the training-fold feature means.
+    means = np.nanmean(A, axis=0)
+    means = np.where(np.isnan(means), 0.0, means)
+    A = np.where(np.isnan(A), means, A)
+    B = np.where(np.isnan(B), means, B)
+    clf = make_classifier(classifier, seed)
+    clf.fit(A, y_train)
+    return float(balanced_accuracy_score(y_test, clf.predict(B)))
 
 
 def site_prediction(
@@ -119,6 +145,7 @@ def site_prediction(
     classifier: str = "logistic",
     residualize: bool = True,
     n_permutations: int = 0,
+    leaky: bool = True,
 ) -> SitePredictionResult:
     """Predict site from features by stratified K-fold CV, before and after harmonization.
 
@@ -141,12 +168,14 @@ def site_prediction(
         Folds of the stratified K-fold (shuffled with ``seed``); capped by the smallest site.
     seed : int
         Seed of the fold split, the forest and the permutations.
-    classifier : {"logistic", "forest"}
+    classifier : {"logistic", "forest", "lda"}
         See :func:`make_classifier`.
     residualize : bool
         Regress the covariates out (fitted on the training fold, site as fixed effect).
     n_permutations : int
         If > 0, also estimate chance by scoring the raw features against shuffled site labels.
+    leaky : bool
+        Also score the leaky protocol (harmonizer fitted once on all rows), ``after_leaky``.
 
     Returns
     -------
@@ -168,44 +197,50 @@ def site_prediction(
         logger.warning("site %r has %d scans: using %d folds instead of %d",
                        counts.idxmin(), counts.min(), k, n_splits)
     X = feature_matrix(table, features)
+    # Encode covariates once on the whole table so that every fold has the same columns.
+    C = covariate_design(table, covariates)[0] if (residualize and covariates) else None
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = list(skf.split(X, y))
 
-    before: list[float] = []
-    after: list[float] = []
-    for tr, te in folds:
-        train, test = table.iloc[tr], table.iloc[te]
+    X_leaky = None
+    if harmonizer is not None and leaky:
+        _, (X_leaky,) = fit_transform(harmonizer, table, [table], features, site, covariates)
+
+    scores: dict[str, list[float]] = {"before": [], "after": [], "leaky": []}
+    for fold, (tr, te) in enumerate(folds):
+        logger.debug("site prediction fold %d/%d", fold + 1, k)
+        Ctr = C[tr] if C is not None else None
+        Cte = C[te] if C is not None else None
         variants = [("before", X[tr], X[te])]
         if harmonizer is not None:
+            train, test = table.iloc[tr], table.iloc[te]
             _, (Xh_tr, Xh_te) = fit_transform(harmonizer, train, [train, test], features, site,
                                               covariates)
             variants.append(("after", Xh_tr, Xh_te))
+            if X_leaky is not None:
+                variants.append(("leaky", X_leaky[tr], X_leaky[te]))
         for label, A, B in variants:
-            if residualize and covariates:
-                A, B = _residualize(A, B, train, test, site, covariates)
-            # Classifiers need complete rows: impute with the training-fold feature means.
-            means = np.nanmean(A, axis=0)
-            A = np.where(np.isnan(A), means, A)
-            B = np.where(np.isnan(B), means, B)
-            clf = make_classifier(classifier, seed)
-            clf.fit(A, y[tr])
-            score = balanced_accuracy_score(y[te], clf.predict(B))
-            (before if label == "before" else after).append(float(score))
+            scores[label].append(_score(A, B, y[tr], y[te], Ctr, Cte, classifier, seed))
     if harmonizer is None:
-        after = list(before)
+        scores["after"] = list(scores["before"])
 
     result = SitePredictionResult(
-        before=float(np.mean(before)), after=float(np.mean(after)), chance=1.0 / len(counts),
-        n_sites=len(counts), n_splits=k, before_folds=before, after_folds=after,
+        before=float(np.mean(scores["before"])), after=float(np.mean(scores["after"])),
+        chance=1.0 / len(counts), n_sites=len(counts), n_splits=k,
+        after_leaky=float(np.mean(scores["leaky"])) if scores["leaky"] else float("nan"),
+        before_folds=scores["before"], after_folds=scores["after"],
+        after_leaky_folds=scores["leaky"],
     )
     if n_permutations > 0:
         rng = np.random.default_rng(seed)
-        Xc = np.where(np.isnan(X), np.nanmean(X, axis=0), X)
         null = []
         for _ in range(n_permutations):
             yp = rng.permutation(y)
-            fp = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(Xc, yp))
-            null.append(float(np.mean(_cv_scores(Xc, yp, fp, classifier, seed))))
+            fp = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, yp)
+            null.append(float(np.mean([
+                _score(X[tr], X[te], yp[tr], yp[te], C[tr] if C is not None else None,
+                       C[te] if C is not None else None, classifier, seed)
+                for tr, te in fp])))
         result.chance_permutation = float(np.mean(null))
         result.chance_permutation_q95 = float(np.quantile(null, 0.95))
     return result
