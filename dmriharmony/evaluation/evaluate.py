@@ -1,6 +1,6 @@
 """Score harmonizers on a table: one tidy DataFrame per harmonizer, side by side for many.
 
-Three questions (Fortin et al., *NeuroImage* 2017; Bayer et al., *NeuroImage* 2022):
+Three questions (Fortin et al., *NeuroImage* 2017; Bayer et al., *Front Neurol* 2022):
 
 1. is the scanner gone? cross-validated site prediction (:mod:`.site_prediction`);
 2. is the biology kept? effect estimates before vs after vs truth (:mod:`.effects`);

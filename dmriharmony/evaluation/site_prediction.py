@@ -1,13 +1,17 @@
 """Cross-validated site prediction: how much scanner information is left in the features.
 
 A classifier that predicts the acquisition site from the features should do no better than
-chance after a good harmonization (e.g. Fortin et al., *NeuroImage* 2018; Bayer et al.,
-*NeuroImage* 2022 "Site effects how-to and when"). Two details make the score honest:
+chance after a good harmonization (a standard check, reviewed by Bayer et al., "Site effects
+how-to and when", *Front Neurol* 2022). Two details make the score honest:
 
 1. **No leakage.** The harmonizer is fitted inside each training fold only and then applied to
    the held-out fold (as it would be applied to subjects scanned later). Fitting it on all rows
    first lets it see (and, for flexible models, memorise) the test rows, and the held-out
-   accuracy then says nothing about new data.
+   accuracy then says nothing about new data. Both numbers are reported (``after`` and
+   ``after_leaky``). The leak does not only flatter flexible models: with a location
+   adjustment fitted on all rows, each held-out fold's site means are forced to mirror the
+   training fold's, the classifier becomes systematically wrong (anti-learning) and scores
+   *below* chance, a symptom of leakage, not of a good harmonizer.
 2. **Biology is not site.** When covariates (age, sex, dx) are distributed differently across
    sites, a perfect harmonizer leaves site predictable from biology. With ``residualize=True``
    the covariate effects, estimated within site on the training fold (features ~ site +
