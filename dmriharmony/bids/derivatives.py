@@ -12,12 +12,24 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 from dmriharmony import __version__
 from dmriharmony.dti.io import atomic_write_bytes
 
 PIPELINE_NAME = "dmriharmony"
 BIDS_VERSION = "1.10.0"
-BIDSIGNORE = ["*_dwimap.nii.gz", "*_dwimap.json", "*_qc.tsv", "*_qc.json", "logs/"]
+BIDSIGNORE = ["*_dwimap.nii.gz", "*_dwimap.json", "*_qc.tsv", "*_qc.json", "site_table.tsv",
+              "logs/"]
+
+README = """# dmriharmony derivatives
+
+Diffusion tensor maps fitted with DIPY by dmriharmony (participant level): per DWI run
+`*_model-tensor_param-<fa|md|ad|rd|v1|tensor>_dwimap.nii.gz` (BIDS BEP016 naming), the brain
+mask `*_desc-brain_mask.nii.gz` and a one-row quality-control table `*_model-tensor_qc.tsv`.
+Every file has a JSON sidecar saying how it was made. `site_table.tsv` lists one row per DWI
+run with its site, scanner and acquisition.
+"""
 
 _SOURCE_SUFFIX = re.compile(r"_dwi\.nii(\.gz)?$")
 
@@ -39,7 +51,7 @@ def derivative_dir(out_root: str | Path, entities: dict) -> Path:
 
 
 def derivative_name(
-    dwi: str | Path,
+    source: str | Path,
     suffix: str,
     extension: str = ".nii.gz",
     *,
@@ -48,8 +60,19 @@ def derivative_name(
     param: str | None = None,
     desc: str | None = None,
 ) -> str:
-    """File name of a derivative of DWI run ``dwi`` (entities in BIDS order)."""
-    parts = [source_prefix(dwi)]
+    """File name of a derivative (entities in BIDS order).
+
+    ``source`` is either the raw DWI file (``.../sub-01_run-1_dwi.nii.gz``) or an entity
+    prefix (``sub-01_ses-A``, for inputs merged from several ``acq-`` runs).
+    """
+    text = str(source)
+    if _SOURCE_SUFFIX.search(Path(text).name):
+        prefix = source_prefix(text)
+    elif re.fullmatch(r"sub-[A-Za-z0-9]+(_[a-z]+-[A-Za-z0-9]+)*", text):
+        prefix = text
+    else:
+        raise ValueError(f"{source}: neither a BIDS DWI file nor an entity prefix")
+    parts = [prefix]
     for key, value in (("space", space), ("model", model), ("param", param), ("desc", desc)):
         if value is not None:
             if not re.fullmatch(r"[A-Za-z0-9]+", str(value)):
@@ -64,7 +87,7 @@ def write_dataset_description(
     source_dir: str | Path | None = None,
     spatial_reference: dict | None = None,
 ) -> Path:
-    """Write ``dataset_description.json`` of the derivatives (atomically; kept if identical).
+    """Write ``dataset_description.json`` and ``.bidsignore`` of the derivatives (atomically).
 
     ``GeneratedBy`` names dmriharmony and the versions of DIPY, Nipype and pybids; a custom
     template space is described by ``spatial_reference`` (BIDS ``SpatialReference``).
@@ -85,41 +108,59 @@ def write_dataset_description(
         }],
     }
     if source_dir is not None:
-        desc["SourceDatasets"] = [{"URL": Path(source_dir).resolve().as_uri()}]
+        uri = Path(source_dir).resolve().as_uri()
+        desc["SourceDatasets"] = [{"URL": uri}]
+        desc["DatasetLinks"] = {"raw": uri}  # resolves the bids:raw: URIs of the sidecars
     if spatial_reference:
         desc["SpatialReference"] = spatial_reference
     path = Path(out_root) / "dataset_description.json"
     atomic_write_bytes((json.dumps(desc, indent=2) + "\n").encode(), path)
     ignore = Path(out_root) / ".bidsignore"
     atomic_write_bytes(("\n".join(BIDSIGNORE) + "\n").encode(), ignore)
+    readme = Path(out_root) / "README.md"
+    if not readme.exists():
+        atomic_write_bytes(README.encode(), readme)
     return path
+
+
+def bids_uri(path: str | Path, bids_root: str | Path | None = None,
+             dataset: str = "raw") -> str:
+    """``bids:raw:sub-01/dwi/sub-01_dwi.nii.gz`` (BIDS URI) or a ``file://`` URI outside it."""
+    src = Path(path).resolve()
+    if bids_root is not None:
+        try:
+            return f"bids:{dataset}:" + src.relative_to(Path(bids_root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return src.as_uri()
 
 
 def provenance(
     *,
-    source: str | Path,
+    sources: list[str | Path] | str | Path,
     description: str,
     bids_root: str | Path | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """Sidecar content saying how a derivative was made (``Sources``, software versions)."""
+    """Sidecar content saying how a derivative was made.
+
+    ``Description``, ``Sources`` (BIDS URIs of the raw runs), ``GeneratedBy`` and
+    ``ToolVersions`` (dmriharmony, DIPY, Nipype, NiBabel, NumPy), then ``extra`` (the
+    options and fit details).
+    """
     import dipy
+    import nibabel
     import nipype
 
-    src = Path(source)
-    if bids_root is not None:
-        try:
-            src_uri = "bids:raw:" + str(src.resolve().relative_to(Path(bids_root).resolve()))
-        except ValueError:
-            src_uri = src.resolve().as_uri()
-    else:
-        src_uri = src.resolve().as_uri()
+    if isinstance(sources, str | Path):
+        sources = [sources]
     meta = {
         "Description": description,
-        "Sources": [src_uri],
+        "Sources": [bids_uri(s, bids_root) for s in sources],
         "GeneratedBy": {"Name": PIPELINE_NAME, "Version": __version__},
-        "SoftwareVersions": {"dmriharmony": __version__, "dipy": dipy.__version__,
-                             "nipype": nipype.__version__},
+        "ToolVersions": {"dmriharmony": __version__, "dipy": dipy.__version__,
+                             "nipype": nipype.__version__, "nibabel": nibabel.__version__,
+                             "numpy": np.__version__},
     }
     if extra:
         meta.update(extra)

@@ -1,16 +1,34 @@
-"""Finding DWI runs and their gradient files and sidecars (with BIDS inheritance)."""
+"""Finding DWI runs and their gradient files and sidecars (with BIDS inheritance).
+
+Two units are used downstream:
+
+- :class:`DWIRun` -- one ``*_dwi.nii[.gz]`` file with its (possibly inherited) ``.bval``,
+  ``.bvec`` and merged JSON metadata; the site table has one row per run.
+- :class:`DTIInput` -- what one tensor fit consumes. Usually one run; but datasets that split
+  the shells of one acquisition across ``acq-`` runs (``acq-b0`` + ``acq-b1000``, or
+  ``acq-b1000`` + ``acq-b3000``) on the same voxel grid are fitted together, the volumes
+  concatenated (:func:`group_dti_inputs`).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import bids
+import nibabel as nib
+import numpy as np
 
 from dmriharmony.bids.exceptions import NoMatchingDataError
 
+LOGGER = logging.getLogger("dmriharmony.bids")
+
 DWI_EXTENSIONS = [".nii.gz", ".nii"]
+#: entities that name a run in node names and derivative file names, in BIDS order.
+RUN_ENTITIES = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"),
+                ("reconstruction", "rec"), ("direction", "dir"), ("run", "run"))
 
 
 @dataclass
@@ -35,21 +53,72 @@ class DWIRun:
     @property
     def name(self) -> str:
         """A short identifier usable as a Nipype node name (``sub_01_ses_A_run_1``)."""
-        parts = [f"sub_{self.subject}"]
-        for key, short in (("session", "ses"), ("acquisition", "acq"),
-                           ("direction", "dir"), ("run", "run")):
-            if self.entities.get(key) is not None:
-                parts.append(f"{short}_{self.entities[key]}")
-        return "_".join(parts)
+        return entities_name(self.entities)
+
+
+def entities_name(entities: dict) -> str:
+    """``sub_01_ses_A_acq_b1000`` from an entity dict (valid Python identifier)."""
+    parts = []
+    for key, short in RUN_ENTITIES:
+        if entities.get(key) is not None:
+            parts.append(f"{short}_{entities[key]}")
+    return "_".join(parts)
+
+
+def entities_prefix(entities: dict) -> str:
+    """``sub-01_ses-A_run-1``: the BIDS file-name prefix of an entity dict."""
+    parts = []
+    for key, short in RUN_ENTITIES:
+        if entities.get(key) is not None:
+            value = entities[key]
+            if key == "run" and isinstance(value, int | np.integer):
+                value = f"{int(value)}"
+            parts.append(f"{short}-{value}")
+    return "_".join(parts)
+
+
+@dataclass
+class DTIInput:
+    """The DWI run(s) one tensor fit consumes (several when shells are split across ``acq-``).
+
+    Attributes
+    ----------
+    runs
+        The source runs; their volumes are concatenated in this order.
+    entities
+        Entities of the derivatives: the runs' common entities (``acquisition`` dropped when
+        the runs differ in it).
+    """
+
+    runs: list[DWIRun]
+    entities: dict
+
+    @property
+    def name(self) -> str:
+        return entities_name(self.entities)
+
+    @property
+    def prefix(self) -> str:
+        """File-name prefix of the derivatives (``sub-01_ses-A``)."""
+        return entities_prefix(self.entities)
+
+    @property
+    def merged(self) -> bool:
+        return len(self.runs) > 1
 
 
 def _strip(labels: Iterable[str] | None, prefix: str) -> list[str] | None:
     if not labels:
         return None
-    return [lab[len(prefix):] if lab.startswith(prefix) else lab for lab in labels]
+    out = []
+    for lab in labels:
+        lab = str(lab).strip()
+        out.append(lab[len(prefix):] if lab.startswith(prefix) else lab)
+    return out
 
 
 def _nearest(layout: bids.BIDSLayout, path: str, extension: str) -> Path | None:
+    """The nearest ``.bval``/``.bvec`` of ``path`` by the BIDS inheritance principle."""
     try:
         found = layout.get_nearest(path, suffix="dwi", extension=extension, all_=True)
     except (ValueError, IndexError, KeyError):
@@ -98,7 +167,7 @@ def collect_dwi_runs(
     runs = []
     for bf in sorted(files, key=lambda f: f.path):
         ents = {k: v for k, v in bf.get_entities().items()
-                if k not in ("suffix", "extension", "datatype")}
+                if k in dict(RUN_ENTITIES)}
         runs.append(DWIRun(
             dwi=Path(bf.path),
             bval=_nearest(layout, bf.path, ".bval"),
@@ -116,3 +185,44 @@ def collect_dwi_runs(
             f"{layout.root}: no DWI run found" + (f" for {' and '.join(what)}" if what else "")
         )
     return runs
+
+
+def _grid(path: Path) -> tuple | None:
+    """(shape[:3], rounded affine) of a NIfTI header, None if unreadable."""
+    try:
+        img = nib.load(str(path))
+    except Exception:  # noqa: BLE001 - validation reports unreadable files
+        return None
+    return tuple(img.shape[:3]), tuple(np.round(img.affine, 3).ravel())
+
+
+def group_dti_inputs(runs: list[DWIRun]) -> list[DTIInput]:
+    """Group runs into tensor-fit inputs: ``acq-`` siblings on one voxel grid are merged.
+
+    Runs that share every entity but ``acquisition`` (same subject, session, direction, run)
+    and lie on the same voxel grid (shape and affine) are one acquisition whose shells were
+    exported as separate series; their volumes are concatenated for the fit and the
+    derivatives are named without ``acq-``. Siblings on different grids stay separate.
+    """
+    groups: dict[tuple, list[DWIRun]] = {}
+    for run in runs:
+        key = tuple((k, str(run.entities.get(k))) for k, _ in RUN_ENTITIES
+                    if k != "acquisition")
+        groups.setdefault(key, []).append(run)
+    inputs: list[DTIInput] = []
+    for members in groups.values():
+        if len(members) == 1:
+            inputs.append(DTIInput([members[0]], dict(members[0].entities)))
+            continue
+        by_grid: dict[tuple | None, list[DWIRun]] = {}
+        for run in members:
+            by_grid.setdefault(_grid(run.dwi), []).append(run)
+        for grid, same in by_grid.items():
+            if grid is None or len(same) == 1:
+                inputs.extend(DTIInput([r], dict(r.entities)) for r in same)
+                continue
+            ents = {k: v for k, v in same[0].entities.items() if k != "acquisition"}
+            LOGGER.info("fitting %s together (shells split across acq- runs)",
+                        ", ".join(r.dwi.name for r in same))
+            inputs.append(DTIInput(same, ents))
+    return sorted(inputs, key=lambda i: str(i.runs[0].dwi))

@@ -8,14 +8,20 @@ FA = sqrt(3/2) * |l - MD| / |l|.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 from dipy.core.gradients import GradientTable
 from dipy.reconst.dti import TensorModel
+from tqdm import tqdm
+
+LOGGER = logging.getLogger("dmriharmony.dti")
 
 #: accepted ``method`` names -> DIPY ``fit_method``.
 FIT_METHODS = {"wls": "WLS", "ols": "OLS", "nlls": "NLLS", "restore": "RESTORE"}
+#: voxels fitted per DIPY call (bounds memory: ~ chunk x volumes x 8 bytes x a few copies).
+CHUNK_VOXELS = 50_000
 
 
 @dataclass
@@ -25,7 +31,7 @@ class TensorMaps:
     Attributes
     ----------
     fa, md, ad, rd
-        Scalar maps; diffusivities in mm^2/s.
+        Scalar maps; diffusivities in mm^2/s (b-values in s/mm^2).
     v1
         Principal eigenvector, shape (..., 3).
     tensor
@@ -52,8 +58,10 @@ def estimate_sigma_b0(
 ) -> float | None:
     """Noise standard deviation from repeated b=0 volumes.
 
-    The pooled within-voxel standard deviation across the b=0 repeats, averaged (as a
-    variance) over the mask. Returns ``None`` with fewer than two b=0 volumes.
+    The within-voxel variance across the b=0 repeats (ddof=1), averaged over the mask, square
+    root: the "difference/repeat" method of SNR estimation (Dietrich et al., JMRI 2007). At the
+    SNR of b=0 images the Rician signal is close to Gaussian, so this is the Gaussian sigma.
+    Returns ``None`` with fewer than two b=0 volumes.
     """
     idx = np.flatnonzero(np.asarray(bvals) <= b0_threshold)
     if idx.size < 2 or not mask.any():
@@ -62,19 +70,30 @@ def estimate_sigma_b0(
     return float(np.sqrt(np.mean(np.var(b0, axis=1, ddof=1))))
 
 
-def _residual_sigma(signal: np.ndarray, predicted: np.ndarray, n_params: int = 7) -> float:
-    """Noise SD from regression residuals: median over voxels of sqrt(RSS / (N - p))."""
+def _residual_sigma(signal: np.ndarray, predicted: np.ndarray, n_params: int = 7) -> np.ndarray:
+    """Per-voxel noise SD from regression residuals: sqrt(RSS / (N - p)), p = 7 tensor terms."""
     dof = max(signal.shape[-1] - n_params, 1)
     rss = np.sum((signal - predicted) ** 2, axis=-1)
-    return float(np.median(np.sqrt(rss / dof)))
+    return np.sqrt(rss / dof)
 
 
-def _fit_voxels(gtab: GradientTable, signal: np.ndarray, method: str, sigma: float | None):
-    kwargs = {"return_S0_hat": True}
+def _model(gtab: GradientTable, method: str, sigma: float | None) -> TensorModel:
+    kwargs: dict = {"return_S0_hat": True}
     if method == "RESTORE":
         kwargs["sigma"] = sigma
-    model = TensorModel(gtab, fit_method=method, **kwargs)
-    return model.fit(signal)
+    return TensorModel(gtab, fit_method=method, **kwargs)
+
+
+def _pilot_sigma(gtab: GradientTable, signal: np.ndarray, seed: int = 0,
+                 n_max: int = 20_000) -> float:
+    """Noise SD from the residuals of a WLS fit of up to ``n_max`` voxels (seeded subsample)."""
+    idx = np.arange(signal.shape[0])
+    if idx.size > n_max:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, n_max, replace=False))
+    sub = signal[idx]
+    pilot = _model(gtab, "WLS", None).fit(sub)
+    pred = pilot.predict(gtab, S0=pilot.S0_hat)
+    return float(np.median(_residual_sigma(sub, np.nan_to_num(pred))))
 
 
 def fit_tensor(
@@ -84,6 +103,7 @@ def fit_tensor(
     *,
     method: str = "wls",
     outlier_threshold: float = 3.0,
+    chunk_voxels: int = CHUNK_VOXELS,
 ) -> TensorMaps:
     """Fit the diffusion tensor in every mask voxel with DIPY's ``TensorModel``.
 
@@ -102,7 +122,9 @@ def fit_tensor(
         b=0 repeats or, with a single b=0, from the residuals of a WLS fit).
     outlier_threshold
         A measurement is counted as an outlier in the QC when its residual exceeds this many
-        noise SDs.
+        noise SDs (RESTORE's criterion).
+    chunk_voxels
+        Voxels per DIPY call (memory bound); results do not depend on it.
 
     Returns
     -------
@@ -118,35 +140,43 @@ def fit_tensor(
         raise ValueError(f"data {data.shape} and mask {mask.shape} do not match")
     if data.shape[-1] != len(gtab.bvals):
         raise ValueError(f"{data.shape[-1]} volumes but {len(gtab.bvals)} gradients")
+    if not mask.any():
+        raise ValueError("the brain mask is empty: nothing to fit")
     shape = data.shape[:3]
-    signal = np.asarray(data[mask], np.float64)
-    signal = np.clip(signal, 1e-6, None)  # log-linear fits need positive signal
+    # log-linear fits need positive signal
+    signal = np.clip(np.asarray(data[mask], np.float64), 1e-6, None)
+    n_vox = signal.shape[0]
 
     sigma = estimate_sigma_b0(data, gtab.bvals, mask)
     sigma_method = "b0-repeats"
-    if sigma is None and signal.shape[0]:
-        pilot = _fit_voxels(gtab, signal, "WLS", None)
-        sigma = _residual_sigma(signal, pilot.predict(gtab, S0=pilot.S0_hat))
+    if sigma is None:
+        sigma = _pilot_sigma(gtab, signal)
         sigma_method = "wls-residuals"
-        if dipy_method == "WLS":
-            tfit = pilot
     if dipy_method == "RESTORE" and not sigma:
-        sigma = 1e-3 * float(np.median(signal)) if signal.size else 1.0
-    if signal.shape[0] == 0:
-        raise ValueError("the brain mask is empty: nothing to fit")
-    if not (sigma_method == "wls-residuals" and dipy_method == "WLS"):
-        tfit = _fit_voxels(gtab, signal, dipy_method, sigma)
+        sigma = 1e-3 * float(np.median(signal))
+    model = _model(gtab, dipy_method, sigma)
 
-    evals = np.nan_to_num(tfit.evals)
-    fa = np.clip(np.nan_to_num(tfit.fa), 0.0, 1.0)
+    fa = np.empty(n_vox)
+    evals = np.empty((n_vox, 3))
+    v1 = np.empty((n_vox, 3))
+    tensor = np.empty((n_vox, 6))
+    s0 = np.empty(n_vox)
+    pred = np.empty_like(signal)
+    starts = range(0, n_vox, max(int(chunk_voxels), 1))
+    for start in tqdm(starts, desc=f"tensor fit ({key})", unit="chunk",
+                      disable=len(starts) < 4, leave=False):
+        sl = slice(start, start + chunk_voxels)
+        tfit = model.fit(signal[sl])
+        fa[sl] = np.clip(np.nan_to_num(tfit.fa), 0.0, 1.0)
+        evals[sl] = np.nan_to_num(tfit.evals)
+        v1[sl] = np.nan_to_num(tfit.evecs[..., :, 0])
+        tensor[sl] = np.nan_to_num(tfit.lower_triangular())
+        s0[sl] = np.nan_to_num(np.asarray(tfit.S0_hat, np.float64))
+        pred[sl] = np.nan_to_num(tfit.predict(gtab, S0=s0[sl]))
+
     md = evals.mean(axis=-1)
     ad = evals[:, 0]
     rd = evals[:, 1:].mean(axis=-1)
-    v1 = np.nan_to_num(tfit.evecs[..., 0])
-    tensor = np.nan_to_num(tfit.lower_triangular())
-    s0 = np.nan_to_num(np.asarray(tfit.S0_hat, np.float64))
-
-    pred = np.nan_to_num(tfit.predict(gtab, S0=s0))
     qc = tensor_qc(signal, pred, gtab, sigma, outlier_threshold)
     qc.update(
         sigma_method=sigma_method,
@@ -180,10 +210,11 @@ def tensor_qc(
     -------
     dict
         ``n_voxels``; ``n_volumes``; ``sigma`` (noise SD); ``snr`` -- median b=0 signal over the
-        mask divided by ``sigma`` (the "SNR of the b0" of e.g. DTIPrep/eddy QC);
-        ``residual_rmse`` -- median over voxels of the RMS fit residual relative to the fitted
-        S0; ``outlier_fraction`` -- fraction of diffusion-weighted measurements whose residual
-        exceeds ``outlier_threshold`` noise SDs (the RESTORE criterion, Chang et al. 2005).
+        mask divided by ``sigma`` (the b0 SNR reported by e.g. DTIPrep / FSL eddy QC);
+        ``residual_rmse`` -- median over voxels of the RMS fit residual relative to the mean
+        b=0 signal; ``outlier_fraction`` -- fraction of diffusion-weighted measurements whose
+        residual exceeds ``outlier_threshold`` noise SDs (the RESTORE criterion, Chang et al.
+        2005).
     """
     b0 = gtab.b0s_mask
     resid = signal - predicted

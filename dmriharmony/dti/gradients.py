@@ -79,11 +79,14 @@ def check_gradients(
     bval_file: str | Path = "bval",
     bvec_file: str | Path = "bvec",
     b0_threshold: float = B0_THRESHOLD,
+    require_b0: bool = True,
 ) -> None:
     """Check a gradient scheme against its DWI series; raise one clear error on failure.
 
-    Checks: counts equal the 4th dimension, at least one b=0 volume, and every
-    diffusion-weighted volume has a b-vector of unit norm (within ``BVEC_NORM_TOL``).
+    Checks: counts equal the 4th dimension, at least one b=0 volume and one
+    diffusion-weighted volume (``require_b0``; off for one part of a series whose shells are
+    split across ``acq-`` runs, checked on the whole), and every diffusion-weighted volume has
+    a b-vector of unit norm (within ``BVEC_NORM_TOL``; BIDS requires unit vectors).
     """
     if bvals.shape[0] != n_volumes:
         raise BIDSInputError(
@@ -94,11 +97,11 @@ def check_gradients(
             f"{bvec_file}: {bvecs.shape[0]} b-vectors but the DWI has {n_volumes} volumes"
         )
     b0 = bvals <= b0_threshold
-    if not np.any(b0):
+    if require_b0 and not np.any(b0):
         raise BIDSInputError(
             f"{bval_file}: no b=0 volume (b <= {b0_threshold:g}); DTI needs one for S0"
         )
-    if np.all(b0):
+    if require_b0 and np.all(b0):
         raise BIDSInputError(
             f"{bval_file}: no diffusion-weighted volume (all b <= {b0_threshold:g})"
         )

@@ -69,6 +69,7 @@ def validate_dwi_files(
     bvec: str | Path | None,
     *,
     check_values: bool = True,
+    require_b0: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], tuple[float, ...]]:
     """Validate one DWI run and its gradient files; one clear error naming the faulty file.
 
@@ -88,7 +89,8 @@ def validate_dwi_files(
     shape, zooms = check_dwi_header(dwi)
     bvals = read_bvals(bval)
     bvecs = read_bvecs(bvec, n_volumes=shape[3])
-    check_gradients(bvals, bvecs, shape[3], bval_file=bval, bvec_file=bvec)
+    check_gradients(bvals, bvecs, shape[3], bval_file=bval, bvec_file=bvec,
+                    require_b0=require_b0)
     if check_values:
         check_finite(_load_image(dwi), dwi)
     return bvals, bvecs, shape, zooms
@@ -108,6 +110,48 @@ def load_dwi(dwi: str | Path, bval: str | Path, bvec: str | Path) -> DWI:
     if not np.all(np.isfinite(data)):
         raise BIDSInputError(f"{dwi}: NaN or Inf values in the data")
     return DWI(data, img.affine, img.header, bvals, bvecs, dwi)
+
+
+def concat_dwi(
+    dwis: list[str | Path], bvals: list[str | Path], bvecs: list[str | Path]
+) -> DWI:
+    """Load several runs of one acquisition (shells split across ``acq-`` runs) as one series.
+
+    The runs must share the voxel grid (shape and affine); volumes, b-values and b-vectors are
+    concatenated in the order given. The whole must have a b=0 and a diffusion-weighted volume.
+    """
+    if not dwis or not (len(dwis) == len(bvals) == len(bvecs)):
+        raise ValueError("concat_dwi needs as many .bval/.bvec files as DWI runs")
+    parts = []
+    for d, bl, bc in zip(dwis, bvals, bvecs):
+        bv, bg, _, _ = validate_dwi_files(d, bl, bc, check_values=False, require_b0=False)
+        img = _load_image(Path(d))
+        parts.append((Path(d), img, bv, bg))
+    first = parts[0]
+    for path, img, _, _ in parts[1:]:
+        if img.shape[:3] != first[1].shape[:3] or not np.allclose(img.affine, first[1].affine,
+                                                                     atol=1e-3):
+            raise BIDSInputError(
+                f"{path}: voxel grid {img.shape[:3]} differs from {first[0].name} "
+                f"{first[1].shape[:3]}; cannot fit the runs together"
+            )
+    data = []
+    for path, img, _, _ in parts:
+        try:
+            vol = np.asarray(img.get_fdata(dtype=np.float32))
+        except Exception as exc:
+            raise BIDSInputError(
+                f"{path}: unreadable NIfTI data ({type(exc).__name__}: {exc})"
+            ) from None
+        if not np.all(np.isfinite(vol)):
+            raise BIDSInputError(f"{path}: NaN or Inf values in the data")
+        data.append(vol)
+    all_bvals = np.concatenate([p[2] for p in parts])
+    all_bvecs = np.concatenate([p[3] for p in parts])
+    names = " + ".join(str(p[0]) for p in parts)
+    check_gradients(all_bvals, all_bvecs, len(all_bvals), bval_file=names, bvec_file=names)
+    return DWI(np.concatenate(data, axis=3), first[1].affine, first[1].header, all_bvals,
+               all_bvecs, first[0])
 
 
 def load_mask(path: str | Path, shape: tuple[int, ...]) -> np.ndarray:

@@ -14,8 +14,15 @@ import numpy as np
 from dmriharmony.dti.denoise import denoise, remove_gibbs
 from dmriharmony.dti.fit import fit_tensor
 from dmriharmony.dti.gradients import make_gtab, select_shells
-from dmriharmony.dti.io import atomic_write_bytes, load_dwi, load_mask, save_nifti
+from dmriharmony.dti.io import (
+    atomic_write_bytes,
+    concat_dwi,
+    load_dwi,
+    load_mask,
+    save_nifti,
+)
 from dmriharmony.dti.mask import brain_mask
+from dmriharmony.errors import BIDSInputError
 
 #: tensor-derived maps written by :func:`fit_tensor_file` (BIDS ``param-`` labels).
 TENSOR_PARAMS = ("fa", "md", "ad", "rd", "v1", "tensor")
@@ -35,20 +42,45 @@ def mask_file(dwi_file: str | Path, bval_file: str | Path, bvec_file: str | Path
 
 
 def preprocess_file(
-    dwi_file: str | Path,
-    bval_file: str | Path,
-    bvec_file: str | Path,
-    out_file: str | Path,
+    dwi_files: str | Path | list[str | Path],
+    bval_files: str | Path | list[str | Path],
+    bvec_files: str | Path | list[str | Path],
+    out_dir: str | Path,
     *,
     denoise_method: str = "none",
     gibbs: bool = False,
-) -> Path:
-    """Optional denoising (MP-PCA / Patch2Self) then Gibbs-ringing removal, as float32."""
-    dwi = load_dwi(dwi_file, bval_file, bvec_file)
+    prefix: str = "dwi_preproc",
+) -> tuple[Path, Path, Path]:
+    """Concatenate runs (shells split across ``acq-``), denoise, remove Gibbs ringing.
+
+    Several runs are concatenated along volumes (:func:`dmriharmony.dti.io.concat_dwi`);
+    then optional MP-PCA or Patch2Self denoising (:func:`dmriharmony.dti.denoise.denoise`)
+    and Gibbs-ringing removal (:func:`dmriharmony.dti.denoise.remove_gibbs`). Gibbs removal
+    follows denoising, the order recommended by Kellner et al. (MRM 2016) and used by MRtrix3
+    (``dwidenoise`` then ``mrdegibbs``): noise estimation assumes untouched noise.
+
+    Returns
+    -------
+    (dwi, bval, bvec)
+        Paths of the float32 series ``<prefix>.nii.gz`` and its gradient files.
+    """
+    def as_list(x):
+        return [x] if isinstance(x, str | Path) else list(x)
+
+    dwis, bvals, bvecs = as_list(dwi_files), as_list(bval_files), as_list(bvec_files)
+    dwi = load_dwi(dwis[0], bvals[0], bvecs[0]) if len(dwis) == 1 else concat_dwi(
+        dwis, bvals, bvecs)
     data = denoise(dwi.data, dwi.bvals, denoise_method)
     if gibbs:
         data = remove_gibbs(data)
-    return save_nifti(data, dwi.affine, out_file, header=dwi.header)
+    out_dir = Path(out_dir)
+    out = save_nifti(data, dwi.affine, out_dir / f"{prefix}.nii.gz", header=dwi.header)
+    bval = atomic_write_bytes((" ".join(f"{b:.6g}" for b in dwi.bvals) + "\n").encode(),
+                              out_dir / f"{prefix}.bval")
+    rows = "\n".join(" ".join(f"{v:.8f}" for v in np.nan_to_num(dwi.bvecs[:, i]))
+                     for i in range(3))
+    bvec = atomic_write_bytes((rows + "\n").encode(), out_dir / f"{prefix}.bvec")
+    return out, bval, bvec
 
 
 def fit_tensor_file(
@@ -76,10 +108,16 @@ def fit_tensor_file(
     out_dir = Path(out_dir)
     dwi = load_dwi(dwi_file, bval_file, bvec_file)
     m = load_mask(mask, dwi.data.shape)
-    sel = select_shells(dwi.bvals, dwi.bvecs, bmax=bmax, step=b_round)
+    try:
+        sel = select_shells(dwi.bvals, dwi.bvecs, bmax=bmax, step=b_round)
+    except BIDSInputError as exc:
+        raise BIDSInputError(f"{bval_file}: {exc}") from None
     data = dwi.data[..., sel.index]
     gtab = make_gtab(sel.bvals, sel.bvecs)
-    maps = fit_tensor(data, gtab, m, method=method)
+    try:
+        maps = fit_tensor(data, gtab, m, method=method)
+    except ValueError as exc:
+        raise BIDSInputError(f"{dwi_file}: tensor fit impossible ({exc})") from None
     out: dict[str, Path | dict] = {}
     for param in TENSOR_PARAMS:
         out[param] = save_nifti(getattr(maps, param), dwi.affine,

@@ -4,29 +4,35 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
-from nipype.interfaces.base import (
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from nipype.interfaces.base import (  # noqa: E402
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     Undefined,
     traits,
 )
 
-from dmriharmony.bids.derivatives import derivative_dir, derivative_name, provenance
-from dmriharmony.dti.io import atomic_write_bytes
+from dmriharmony.bids.derivatives import derivative_dir, derivative_name, provenance  # noqa: E402
+from dmriharmony.dti.io import atomic_write_bytes  # noqa: E402
 
 
 class _SinkInputSpec(BaseInterfaceInputSpec):
     base_directory = traits.Directory(mandatory=True, desc="derivatives root (out/dmriharmony)")
-    source_file = File(exists=True, mandatory=True, desc="the raw DWI run")
+    prefix = traits.Str(mandatory=True, desc="entity prefix of the name (sub-01_ses-A_run-1)")
+    entities = traits.Dict(mandatory=True, desc="entities (subject, session) for the folder")
+    source_files = InputMultiObject(File(exists=True), mandatory=True,
+                                    desc="the raw DWI run(s), for Sources")
     in_file = File(exists=True, mandatory=True, desc="file to store")
     bids_root = traits.Directory(desc="raw dataset root, for BIDS URIs in Sources")
-    entities = traits.Dict(mandatory=True, desc="entities of the source (subject, session)")
     suffix = traits.Str(mandatory=True)
     extension = traits.Str(".nii.gz", usedefault=True)
     space = traits.Str()
@@ -55,16 +61,16 @@ class DerivativesDataSink(SimpleInterface):
     output_spec = _SinkOutputSpec
     always_run = True
 
-    def _opt(self, name: str) -> str | None:
+    def _opt(self, name: str):
         value = getattr(self.inputs, name)
-        return None if value is Undefined or value == "" else value
+        return None if value is Undefined or value == "" or value == {} else value
 
     def _run_interface(self, runtime):
         inputs = self.inputs
         out_dir = derivative_dir(inputs.base_directory, inputs.entities)
         out_dir.mkdir(parents=True, exist_ok=True)
         name = derivative_name(
-            inputs.source_file, inputs.suffix, inputs.extension, space=self._opt("space"),
+            inputs.prefix, inputs.suffix, inputs.extension, space=self._opt("space"),
             model=self._opt("model"), param=self._opt("param"), desc=self._opt("desc"),
         )
         dest = out_dir / name
@@ -78,9 +84,8 @@ class DerivativesDataSink(SimpleInterface):
             raise
         self._results["out_file"] = str(dest)
         if inputs.write_sidecar:
-            bids_root = self._opt("bids_root")
-            meta = provenance(source=inputs.source_file, description=inputs.description,
-                              bids_root=bids_root,
+            meta = provenance(sources=list(inputs.source_files), description=inputs.description,
+                              bids_root=self._opt("bids_root"),
                               extra=dict(inputs.metadata) if self._opt("metadata") else None)
             stem = name[: -len(inputs.extension)]
             meta_path = atomic_write_bytes(

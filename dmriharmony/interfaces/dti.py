@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import os
 
-from nipype.interfaces.base import (
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+
+from nipype.interfaces.base import (  # noqa: E402
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     traits,
 )
 
-from dmriharmony.dti.pipeline import fit_tensor_file, mask_file, preprocess_file
+from dmriharmony.dti.pipeline import (  # noqa: E402
+    fit_tensor_file,
+    mask_file,
+    preprocess_file,
+)
 
 
 def _thread_limit(n: int | None):
@@ -30,8 +37,8 @@ class _DWIInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="4-D DWI series")
     bval_file = File(exists=True, mandatory=True, desc="FSL-style b-values")
     bvec_file = File(exists=True, mandatory=True, desc="FSL-style b-vectors")
-    omp_nthreads = traits.Int(1, usedefault=True, desc="threads for BLAS/OpenMP",
-                              nohash=True)
+    omp_nthreads = traits.Int(1, usedefault=True, nohash=True,
+                              desc="threads for BLAS/OpenMP (does not change results)")
 
 
 class _BrainMaskOutputSpec(TraitedSpec):
@@ -52,29 +59,35 @@ class BrainMask(SimpleInterface):
         return runtime
 
 
-class _PreprocessInputSpec(_DWIInputSpec):
+class _PreprocessInputSpec(BaseInterfaceInputSpec):
+    dwi_files = InputMultiObject(File(exists=True), mandatory=True,
+                                 desc="DWI run(s); several are concatenated (split shells)")
+    bval_files = InputMultiObject(File(exists=True), mandatory=True)
+    bvec_files = InputMultiObject(File(exists=True), mandatory=True)
     denoise = traits.Enum("none", "mppca", "patch2self", usedefault=True)
     gibbs = traits.Bool(False, usedefault=True, desc="remove Gibbs ringing")
+    omp_nthreads = traits.Int(1, usedefault=True, nohash=True)
 
 
 class _PreprocessOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="pre-processed DWI series (float32)")
+    out_bval = File(exists=True)
+    out_bvec = File(exists=True)
 
 
 class PreprocessDWI(SimpleInterface):
-    """Optional MP-PCA/Patch2Self denoising and Gibbs removal (:mod:`dmriharmony.dti.denoise`)."""
+    """Concatenation, MP-PCA/Patch2Self denoising, Gibbs removal (:mod:`dmriharmony.dti`)."""
 
     input_spec = _PreprocessInputSpec
     output_spec = _PreprocessOutputSpec
 
     def _run_interface(self, runtime):
         with _thread_limit(self.inputs.omp_nthreads):
-            out = preprocess_file(
-                self.inputs.dwi_file, self.inputs.bval_file, self.inputs.bvec_file,
-                os.path.join(runtime.cwd, "dwi_preproc.nii.gz"),
-                denoise_method=self.inputs.denoise, gibbs=self.inputs.gibbs,
+            dwi, bval, bvec = preprocess_file(
+                self.inputs.dwi_files, self.inputs.bval_files, self.inputs.bvec_files,
+                runtime.cwd, denoise_method=self.inputs.denoise, gibbs=self.inputs.gibbs,
             )
-        self._results["out_file"] = str(out)
+        self._results.update(out_file=str(dwi), out_bval=str(bval), out_bvec=str(bvec))
         return runtime
 
 

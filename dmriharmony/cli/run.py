@@ -1,0 +1,272 @@
+"""The BIDS-App command line: ``dmriharmony bids_dir output_dir participant [options]``.
+
+Exit codes follow the BIDS-Apps execution conventions: 0 success, 16 the input is not a
+valid BIDS dataset (missing ``dataset_description.json``, missing ``.bval``/``.bvec``), 17
+unknown analysis level, 18 the participant/session filters matched no data; otherwise the BSD
+``sysexits.h`` codes: 64 usage error (never argparse's 2), 65 bad data in a DWI run (wrong
+counts, no b=0, bad b-vectors, NaN, unreadable NIfTI, ...), 70 internal failure of a workflow
+node, 73 an output folder cannot be created, 74 other I/O error. Failures print one line
+``dmriharmony: error: <file>: <what is wrong>`` on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from dmriharmony import __version__  # noqa: E402
+from dmriharmony.errors import BIDSInputError, DmriHarmonyError  # noqa: E402
+
+EX_OK = 0
+EX_INVALID_DATASET = 16
+EX_UNKNOWN_LEVEL = 17
+EX_NO_MATCH = 18
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+EX_IOERR = 74
+
+ANALYSIS_LEVELS = ("participant",)
+PIPELINE_DIR = "dmriharmony"
+LOGGER = logging.getLogger("dmriharmony")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting with code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (BIDS-App positional arguments, then options)."""
+    p = _ArgumentParser(
+        prog="dmriharmony",
+        description="Multi-site diffusion MRI harmonization (BIDS App). The participant level "
+                    "fits DTI with DIPY and writes FA/MD/AD/RD maps as BIDS derivatives.",
+        epilog="Exit codes: 16 invalid dataset, 17 unknown level, 18 no data match the "
+               "filters, 64 usage, 65 bad DWI data, 70 internal error, 73/74 output errors.",
+    )
+    p.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
+    p.add_argument("output_dir", type=Path,
+                   help="output folder; derivatives go to <output_dir>/dmriharmony")
+    p.add_argument("analysis_level", help="'participant' (the group level comes later)")
+    p.add_argument("--version", action="version", version=f"dmriharmony {__version__}")
+    g = p.add_argument_group("selection")
+    g.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                   nargs="+", metavar="LABEL", help="subjects to process (with or without sub-)")
+    g.add_argument("--session-label", "--session_label", dest="session_label", nargs="+",
+                   metavar="LABEL", help="sessions to process (with or without ses-)")
+    g.add_argument("--site-column", default="site",
+                   help="site column of participants.tsv / sessions.tsv (default: site)")
+    g.add_argument("--bids-database-dir", type=Path,
+                   help="pybids index folder (default: inside the work folder)")
+    g.add_argument("--reset-database", action="store_true", help="re-index the dataset")
+    d = p.add_argument_group("DTI")
+    d.add_argument("--denoise", choices=["none", "mppca", "patch2self"], default="none")
+    d.add_argument("--gibbs", action="store_true", help="remove Gibbs ringing")
+    d.add_argument("--bmax", type=float, default=1500.0,
+                   help="largest b-value used for DTI (default 1500)")
+    d.add_argument("--b-round", type=float, default=50.0,
+                   help="b-value rounding step defining shells (default 50)")
+    d.add_argument("--fit-method", choices=["wls", "ols", "nlls", "restore"], default="wls")
+    r = p.add_argument_group("execution")
+    r.add_argument("-w", "--work-dir", type=Path,
+                   help="Nipype work folder (default <output_dir>/work); reused on re-runs")
+    r.add_argument("--nprocs", "--nthreads", "--n_cpus", dest="nprocs", type=int, default=1,
+                   help="parallel nodes (MultiProc)")
+    r.add_argument("--omp-nthreads", type=int, default=1, help="threads within a node")
+    r.add_argument("--plugin", default=None,
+                   help="Nipype plugin (Linear, MultiProc, SLURM, SGE, ...); default Linear "
+                        "with --nprocs 1, MultiProc otherwise")
+    r.add_argument("--plugin-args", default=None,
+                   help="plugin arguments as JSON text or a JSON file")
+    r.add_argument("-v", "--verbose", action="count", default=0)
+    return p
+
+
+def _plugin_args(text: str | None) -> dict:
+    if not text:
+        return {}
+    path = Path(text)
+    try:
+        raw = path.read_text() if path.is_file() else text
+        value = json.loads(raw)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise _UsageError(f"--plugin-args: not JSON text or a JSON file ({exc})") from None
+    if not isinstance(value, dict):
+        raise _UsageError("--plugin-args: expected a JSON object")
+    return value
+
+
+def _crash_line(crash_dir: Path, since: float) -> tuple[str, bool]:
+    """Last exception line of the newest Nipype crash file (and whether it is a data error)."""
+    files = sorted((f for f in crash_dir.glob("crash-*") if f.stat().st_mtime >= since - 1),
+                   key=lambda f: f.stat().st_mtime) if crash_dir.is_dir() else []
+    if not files:
+        return "a workflow node failed (see the Nipype log)", False
+    lines = [ln.strip() for ln in files[-1].read_text(errors="replace").splitlines()
+             if ln.strip()]
+    for ln in reversed(lines):
+        if "Error:" in ln or "Exception:" in ln:
+            data = "BIDSInputError" in ln
+            text = ln.split("Error: ", 1)[-1] if "Error: " in ln else ln
+            return f"{text} (crash file {files[-1]})", data
+    return f"a workflow node failed (crash file {files[-1]})", False
+
+
+def _configure_logging(verbose: int) -> None:
+    """dmriharmony logs at WARNING (-v INFO, -vv DEBUG); Nipype's own log one level quieter."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    LOGGER.setLevel(level)
+    if not LOGGER.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        LOGGER.addHandler(handler)
+    LOGGER.propagate = False
+    nipype_level = "WARNING" if verbose < 2 else "INFO"
+    nipype_config.update_config({"logging": {"workflow_level": nipype_level,
+                                             "interface_level": nipype_level,
+                                             "utils_level": nipype_level}})
+    nipype_logging.update_logging(nipype_config)
+
+
+def run_participant(args: argparse.Namespace) -> int:
+    """Validate the inputs, build and run the participant workflow, write derivatives."""
+    from nipype import config as nipype_config
+
+    from dmriharmony.bids import (
+        collect_dwi_runs,
+        group_dti_inputs,
+        load_layout,
+        site_table,
+        validate_inputs,
+        write_dataset_description,
+    )
+    from dmriharmony.dti.io import atomic_write_bytes
+    from dmriharmony.workflows.base import init_dmriharmony_wf
+    from dmriharmony.workflows.participant import ParticipantOptions
+
+    bids_dir = args.bids_dir.resolve()
+    output_dir = args.output_dir.resolve()
+    work_dir = (args.work_dir or output_dir / "work").resolve()
+    if output_dir == bids_dir or bids_dir in output_dir.parents and not (
+            output_dir.relative_to(bids_dir).parts[0] == "derivatives"):
+        raise _UsageError(f"{output_dir}: the output folder must not be inside the BIDS "
+                          "dataset (except under derivatives/)")
+    if args.nprocs < 1 or args.omp_nthreads < 1:
+        raise _UsageError("--nprocs and --omp-nthreads must be >= 1")
+    if args.bmax <= 0 or args.b_round <= 0:
+        raise _UsageError("--bmax and --b-round must be positive")
+    plugin_args = _plugin_args(args.plugin_args)
+
+    db_root = args.bids_database_dir or work_dir
+    t0 = time.perf_counter()
+    layout = load_layout(bids_dir, work_dir=db_root, reset_database=args.reset_database)
+    LOGGER.info("indexed %s in %.2f s", bids_dir, time.perf_counter() - t0)
+    runs = collect_dwi_runs(layout, args.participant_label, args.session_label)
+    inputs = group_dti_inputs(runs)
+    options = ParticipantOptions(denoise=args.denoise, gibbs=args.gibbs, bmax=args.bmax,
+                                 b_round=args.b_round, fit_method=args.fit_method,
+                                 omp_nthreads=args.omp_nthreads)
+    validate_inputs(inputs, bmax=args.bmax, b_round=args.b_round)
+    table = site_table(runs, bids_dir, b_round=args.b_round, site_column=args.site_column)
+    LOGGER.info("%d DWI run(s), %d DTI input(s), sites: %s", len(runs), len(inputs),
+                ", ".join(sorted(set(table["site"]))))
+
+    deriv = output_dir / PIPELINE_DIR
+    try:
+        deriv.mkdir(parents=True, exist_ok=True)
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"{exc.filename}: cannot create folder ({exc.strerror})", EX_CANTCREAT)
+    write_dataset_description(deriv, source_dir=bids_dir)
+    table_out = table.copy()
+    table_out["dwi"] = [str(Path(p).relative_to(bids_dir)) for p in table_out["dwi"]]
+    atomic_write_bytes(table_out.to_csv(sep="\t", index=False, na_rep="n/a").encode(),
+                       deriv / "site_table.tsv")
+
+    wf = init_dmriharmony_wf(inputs, bids_dir=bids_dir, output_dir=deriv, work_dir=work_dir,
+                             options=options)
+    crash_dir = work_dir / "crash"
+    nipype_config.update_config({"execution": {
+        "crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+        "stop_on_first_crash": "true", "check_version": "false",
+        "remove_unnecessary_outputs": "false",
+    }, "monitoring": {"enabled": "false"}})
+    wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                                   "stop_on_first_crash": True})
+    plugin = args.plugin or ("MultiProc" if args.nprocs > 1 else "Linear")
+    if plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", args.nprocs)
+        plugin_args.setdefault("raise_insufficient", False)
+    started = time.time()
+    try:
+        wf.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as exc:
+        if "did not execute cleanly" not in str(exc) and "Workflow" not in str(exc):
+            raise
+        line, data_error = _crash_line(crash_dir, started)
+        return _fail(line, EX_DATAERR if data_error else EX_SOFTWARE)
+    print(f"dmriharmony: participant level done: {len(inputs)} input(s); derivatives in {deriv}")
+    return EX_OK
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"dmriharmony: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dmriharmony`` command; returns the exit code."""
+    from dmriharmony.bids.exceptions import InvalidDatasetError, NoMatchingDataError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        return _fail(f"{exc} (see dmriharmony --help)", EX_USAGE)
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    _configure_logging(args.verbose)
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        return _fail(f"unknown analysis level {args.analysis_level!r}; available: "
+                     f"{', '.join(ANALYSIS_LEVELS)}", EX_UNKNOWN_LEVEL)
+    try:
+        return run_participant(args)
+    except _UsageError as exc:
+        return _fail(str(exc), EX_USAGE)
+    except InvalidDatasetError as exc:
+        return _fail(str(exc), EX_INVALID_DATASET)
+    except NoMatchingDataError as exc:
+        return _fail(str(exc), EX_NO_MATCH)
+    except BIDSInputError as exc:
+        return _fail(str(exc), EX_DATAERR)
+    except DmriHarmonyError as exc:
+        return _fail(str(exc), EX_DATAERR)
+    except PermissionError as exc:
+        return _fail(f"{exc.filename}: permission denied", EX_CANTCREAT)
+    except OSError as exc:
+        return _fail(f"{exc.filename or ''}: {exc.strerror or exc}", EX_IOERR)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
