@@ -3,7 +3,8 @@
 All functions work on one site at a time and are vectorised over features. They take each
 feature's sufficient statistics at that site instead of the raw standardised data:
 ``n`` (number of observed values), ``mean`` and ``ss`` (sum of squared deviations from the
-mean), so missing values are handled per feature.
+mean), so missing values are handled per feature and no function ever touches an
+``(features, subjects)`` array.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from dmriharmony.errors import HarmonizationError
 
-__all__ = ["gamma_prior", "delta_prior", "parametric_eb", "nonparametric_eb"]
+__all__ = ["gamma_prior", "delta_prior", "parametric_eb", "mean_only_eb", "nonparametric_eb"]
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +26,22 @@ _LOG_2PI = float(np.log(2.0 * np.pi))
 def gamma_prior(gamma_hat: np.ndarray) -> tuple[float, float]:
     """Normal prior of the additive site effects: ``gamma_bar`` and ``tau^2``.
 
-    Method-of-moments estimates across features (Johnson et al. 2007, section 2.3): the mean and
-    the sample variance (ddof=1) of ``gamma_hat``.
+    Method-of-moments estimates across features (Johnson et al. 2007, section 3.1; sva
+    ``gamma.bar <- rowMeans(gamma.hat)``, ``t2 <- rowVars(gamma.hat)``): the mean and the sample
+    variance (ddof=1) of ``gamma_hat``.
     """
+    if gamma_hat.shape[0] < 2:
+        raise HarmonizationError(
+            "empirical Bayes needs at least 2 adjustable features to estimate its priors;"
+            " use eb=False"
+        )
     return float(np.mean(gamma_hat)), float(np.var(gamma_hat, ddof=1))
 
 
 def delta_prior(delta_hat: np.ndarray) -> tuple[float, float]:
     """Inverse-gamma prior of the multiplicative site effects: ``(a, b)``.
 
-    Method of moments (Johnson et al. 2007, section 2.3; sva ``aprior``/``bprior``):
+    Method of moments (Johnson et al. 2007, section 3.1; sva ``aprior``/``bprior``):
     ``a = (2 s^2 + m^2) / s^2`` and ``b = (m s^2 + m^3) / s^2`` with ``m``, ``s^2`` the mean and
     sample variance of ``delta_hat`` across features.
     """
@@ -48,6 +55,15 @@ def delta_prior(delta_hat: np.ndarray) -> tuple[float, float]:
     return (2.0 * s2 + m * m) / s2, (m * s2 + m**3) / s2
 
 
+def mean_only_eb(gamma_hat: np.ndarray, gamma_bar: float, t2: float) -> np.ndarray:
+    """Parametric EB location estimate of the mean-only model, exactly as sva/neuroCombat.
+
+    sva's ``postmean(gamma.hat, gamma.bar, 1, 1, t2)``: the posterior mean of eq. 3.1 of
+    Johnson et al. (2007) evaluated with ``n = 1`` and ``delta = 1``.
+    """
+    return (t2 * gamma_hat + gamma_bar) / (t2 + 1.0)
+
+
 def parametric_eb(
     n: np.ndarray,
     mean: np.ndarray,
@@ -59,7 +75,7 @@ def parametric_eb(
     a: float,
     b: float,
     conv: float = 1e-4,
-    max_iter: int = 100_000,
+    max_iter: int = 10_000,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Parametric EB posterior of (gamma, delta) by sva's fixed-point iteration ``it.sol``.
 
@@ -80,14 +96,27 @@ def parametric_eb(
         sum2 = ss + n * (mean - g_new) ** 2
         d_new = (0.5 * sum2 + b) / (n / 2.0 + a - 1.0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            change = max(np.max(np.abs(g_new - g_old) / g_old), np.max(np.abs(d_new - d_old) / d_old))
+            change = max(
+                float(np.max(np.abs(g_new - g_old) / g_old)),
+                float(np.max(np.abs(d_new - d_old) / d_old)),
+            )
         g_old, d_old = g_new, d_new
-        if not change > conv:  # NaN stops as in neuroCombat (`while change > conv`)
+        if not change > conv:  # a NaN change stops, as neuroCombat's `while change > conv`
             return g_new, d_new
     warnings.warn(
-        f"parametric empirical Bayes did not converge in {max_iter} iterations", stacklevel=3
+        f"parametric empirical Bayes did not converge in {max_iter} iterations"
+        f" (last relative change {change:.3g} > {conv:g})",
+        stacklevel=3,
     )
     return g_old, d_old
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency, numpy is the fallback
+        return None
+    return torch
 
 
 def nonparametric_eb(
@@ -97,98 +126,169 @@ def nonparametric_eb(
     gamma_hat: np.ndarray,
     delta_hat: np.ndarray,
     *,
-    chunk: int = 256,
-    block: int = 2048,
-    log_cut: float = 60.0,
+    chunk: int = 512,
+    block: int = 1024,
+    tol: float = 1e-15,
+    engine: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Non-parametric EB posterior means of (gamma, delta), computed in log space.
 
     sva's ``int.eprior`` (Johnson et al. 2007, section 3.2): for feature ``i`` the empirical
-    prior puts mass on the other features' estimates ``(g_l, d_l)``, ``l != i``, with weights
-    ``w_il`` = likelihood of feature ``i``'s data under ``N(g_l, d_l)``;
+    prior puts equal mass on the other features' estimates ``(g_l, d_l)``, ``l != i``; the
+    posterior weights are the likelihoods of feature ``i``'s data under ``N(g_l, d_l)``:
     ``gamma*_i = sum_l w_il g_l / sum_l w_il`` and likewise ``delta*_i``.
 
-    The log-likelihood needs only feature ``i``'s sufficient statistics:
+    The log-likelihood needs only feature ``i``'s sufficient statistics and is bilinear,
 
-    ``log w_il = -n_i/2 log(2 pi d_l) - (ss_i + n_i (mean_i - g_l)^2) / (2 d_l)``,
+    ``log w_il = -n_i/2 log(2 pi d_l) - (ss_i + n_i (mean_i - g_l)^2) / (2 d_l)
+    = n_i a_l + S_i B_l + T_i C_l``
 
-    so the cost is O(features^2) instead of sva/neuroCombat's O(features^2 * subjects), and the
-    weights are normalised by the running maximum (streaming log-sum-exp), so they never
-    underflow whatever the site size (neuroCombat's product of densities underflows to 0/0 once a
-    site has more than ~525 subjects). Features are sorted by ``g``; blocks of ``l`` whose
-    rigorous upper bound on ``log w_il`` lies more than ``log_cut`` below the running maximum for
-    every ``i`` of a chunk are skipped (their total relative weight is below
-    ``features * exp(-log_cut)``, i.e. < 1e-20 for the default), which makes sharply peaked
-    posteriors (large sites) cheap without changing the result.
+    with ``a_l = -log(2 pi d_l)/2 - g_l^2/(2 d_l)``, ``B_l = -1/(2 d_l)``, ``C_l = g_l / d_l``,
+    ``S_i = ss_i + n_i mean_i^2``, ``T_i = n_i mean_i``. So a chunk of features costs one
+    rank-3 matrix product, an ``exp`` and another rank-3 product: O(features^2) per site
+    instead of sva/neuroCombat's O(features^2 * subjects), with memory bounded by
+    ``chunk * block``. Each row is shifted by a rigorous upper bound of its log-weights (the
+    likelihood maximised over ``g`` and over ``d`` in the observed range), so nothing
+    overflows, and rows whose weights would all underflow (large sites: neuroCombat's product of
+    densities gives 0/0 = NaN above ~525 subjects) are recomputed shifted by their exact maximum,
+    so the result is finite at any site size. Features are sorted by ``g``; a block of ``l`` is
+    skipped for a chunk when a rigorous bound puts its total weight below ``tol`` times the weight
+    already accumulated for every row (a relative change of the result below ~1e-13).
+
+    Parameters
+    ----------
+    n, mean, ss : ndarray, shape (F,)
+        Per-feature number of observed values, their mean and their sum of squared deviations
+        from that mean, at this site.
+    gamma_hat, delta_hat : ndarray, shape (F,)
+        Per-feature site estimates (the empirical prior's support points).
+    chunk, block : int
+        Rows and columns of the weight matrix computed at once (memory ``8 * chunk * block``).
+    tol : float
+        Relative weight below which a block is skipped.
+    engine : {"auto", "torch", "numpy"}
+        Array library for the pair loop ("auto": torch when importable, multithreaded).
+
+    Returns
+    -------
+    gamma_star, delta_star : ndarray, shape (F,)
     """
     F = gamma_hat.shape[0]
     if F < 2:
-        raise HarmonizationError(
-            "non-parametric empirical Bayes needs at least 2 adjustable features"
-        )
+        raise HarmonizationError("non-parametric empirical Bayes needs at least 2 adjustable features")
+    torch = _torch() if engine in ("auto", "torch") else None
+    if engine == "torch" and torch is None:
+        raise HarmonizationError("engine='torch' requested but torch is not installed")
+
     order = np.argsort(gamma_hat, kind="stable")
-    g = gamma_hat[order].astype(float)
-    d = delta_hat[order].astype(float)
-    ni = n[order].astype(float)
-    mi = mean[order].astype(float)
-    si = np.maximum(ss[order].astype(float), 0.0)
-    # log w_il = ni * u_l + S1_i * v_l + S2_i * w_l  (bilinear in sufficient statistics) -- but
-    # evaluated in the centred form for accuracy:  -ni/2 * (log 2 pi d_l) - (si + ni (mi-g_l)^2)/(2 d_l)
-    half_log = 0.5 * (_LOG_2PI + np.log(d))
-    inv2d = 0.5 / d
+    g = np.asarray(gamma_hat, dtype=float)[order]
+    d = np.asarray(delta_hat, dtype=float)[order]
+    ni = np.asarray(n, dtype=float)[order]
+    mi = np.asarray(mean, dtype=float)[order]
+    si = np.maximum(np.asarray(ss, dtype=float)[order], 0.0)
+
+    # bilinear coefficients: log w = [n, S, T] @ [a; B; C]
+    coef_l = np.vstack([-0.5 * (_LOG_2PI + np.log(d)) - 0.5 * g * g / d, -0.5 / d, g / d])
+    coef_i = np.column_stack([ni, si + ni * mi * mi, ni * mi])
     vals = np.column_stack([np.ones(F), g, d])
+
+    # rigorous per-row upper bound of log w over all l (max over g free, d in [dmin, dmax])
+    dmin, dmax = float(d.min()), float(d.max())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d_opt = np.clip(si / ni, dmin, dmax)
+    shift = -0.5 * ni * (_LOG_2PI + np.log(d_opt)) - 0.5 * si / d_opt
 
     n_blocks = -(-F // block)
     b_lo = np.arange(n_blocks) * block
     b_hi = np.minimum(b_lo + block, F)
-    g_min = g[b_lo]
-    g_max = g[b_hi - 1]
-    d_min = np.minimum.reduceat(d, b_lo)
-    d_max = np.maximum.reduceat(d, b_lo)
+    g_min, g_max = g[b_lo], g[b_hi - 1]
+    d_min_b = np.minimum.reduceat(d, b_lo)
+    d_max_b = np.maximum.reduceat(d, b_lo)
 
-    g_star = np.empty(F)
-    d_star = np.empty(F)
+    if torch is not None:
+        t_coef_l = torch.from_numpy(np.ascontiguousarray(coef_l))
+        t_vals = torch.from_numpy(np.ascontiguousarray(vals))
+
+    acc_all = np.zeros((F, 3))
     skipped = 0
     for i0 in range(0, F, chunk):
         i1 = min(i0 + chunk, F)
-        n_c, m_c, s_c = ni[i0:i1, None], mi[i0:i1, None], si[i0:i1, None]
-        # upper bound of log w over each block: best d in [d_min, d_max], nearest g in range
-        d_opt = np.clip(s_c / n_c, d_min[None, :], d_max[None, :])
-        a_max = -n_c * 0.5 * (_LOG_2PI + np.log(d_opt)) - s_c * 0.5 / d_opt
+        rows = np.arange(i0, i1)
+        n_c, m_c, s_c = ni[rows, None], mi[rows, None], si[rows, None]
+        sh_c = shift[rows]
+        # per (row, block) upper bound of log w - shift
+        dob = np.clip(s_c / n_c, d_min_b[None, :], d_max_b[None, :])
+        a_max = -0.5 * n_c * (_LOG_2PI + np.log(dob)) - 0.5 * s_c / dob
         dist = np.maximum(0.0, np.maximum(g_min[None, :] - m_c, m_c - g_max[None, :]))
-        upper = a_max - n_c * dist**2 * 0.5 / d_max[None, :]
-        run_max = np.full(i1 - i0, -np.inf)
+        upper = a_max - 0.5 * n_c * dist**2 / d_max_b[None, :] - sh_c[:, None]
+        upper += np.log(b_hi - b_lo)[None, :]
         acc = np.zeros((i1 - i0, 3))
         for bi in np.argsort(-upper.max(axis=0), kind="stable"):
-            if np.all(upper[:, bi] < run_max - log_cut):
-                skipped += 1
-                continue
-            l0, l1 = b_lo[bi], b_hi[bi]
-            diff = m_c - g[None, l0:l1]
-            logw = diff * diff
-            logw *= n_c
-            logw += s_c
-            logw *= -inv2d[None, l0:l1]
-            logw -= n_c * half_log[None, l0:l1]
+            if acc[0, 0] > 0:
+                with np.errstate(divide="ignore"):
+                    if np.all(upper[:, bi] < np.log(acc[:, 0] * tol)):
+                        skipped += 1
+                        continue
+            l0, l1 = int(b_lo[bi]), int(b_hi[bi])
             lo, hi = max(i0, l0), min(i1, l1)
-            if lo < hi:  # exclude l == i (sva's g.hat[-i])
-                idx = np.arange(lo, hi)
-                logw[idx - i0, idx - l0] = -np.inf
-            blk_max = logw.max(axis=1)
-            new_max = np.maximum(run_max, blk_max)
-            finite = np.isfinite(new_max)
-            scale = np.where(finite, np.exp(np.where(finite, run_max - new_max, 0.0)), 1.0)
-            acc *= scale[:, None]
-            logw -= np.where(finite, new_max, 0.0)[:, None]
-            np.exp(logw, out=logw)
-            acc += logw @ vals[l0:l1]
-            run_max = new_max
-        g_star[i0:i1] = acc[:, 1] / acc[:, 0]
-        d_star[i0:i1] = acc[:, 2] / acc[:, 0]
+            if torch is not None:
+                logw = torch.from_numpy(coef_i[i0:i1]) @ t_coef_l[:, l0:l1]
+                logw -= torch.from_numpy(sh_c)[:, None]
+                if lo < hi:  # exclude l == i (sva's g.hat[-i])
+                    idx = torch.arange(lo, hi)
+                    logw[idx - i0, idx - l0] = -float("inf")
+                torch.exp_(logw)
+                acc += (logw @ t_vals[l0:l1]).numpy()
+            else:
+                logw = coef_i[i0:i1] @ coef_l[:, l0:l1]
+                logw -= sh_c[:, None]
+                if lo < hi:
+                    idx = np.arange(lo, hi)
+                    logw[idx - i0, idx - l0] = -np.inf
+                np.exp(logw, out=logw)
+                acc += logw @ vals[l0:l1]
+        acc_all[i0:i1] = acc
+
+    # rows whose weights (nearly) all underflowed: recompute shifted by their exact maximum
+    bad = np.flatnonzero(~(acc_all[:, 0] > 1e-200))
+    if bad.size:
+        log.debug("non-parametric EB: %d rows recomputed with their exact maximum", bad.size)
+        for r0 in range(0, bad.size, chunk):
+            rr = bad[r0 : r0 + chunk]
+            acc_all[rr] = _exact_rows(rr, coef_i, coef_l, vals, block)
     if skipped:
-        log.debug("non-parametric EB: skipped %d negligible feature blocks", skipped)
+        log.debug("non-parametric EB: skipped %d negligible (chunk, block) pairs", skipped)
+    g_star = acc_all[:, 1] / acc_all[:, 0]
+    d_star = acc_all[:, 2] / acc_all[:, 0]
     out_g = np.empty(F)
     out_d = np.empty(F)
     out_g[order] = g_star
     out_d[order] = d_star
     return out_g, out_d
+
+
+def _exact_rows(
+    rows: np.ndarray, coef_i: np.ndarray, coef_l: np.ndarray, vals: np.ndarray, block: int
+) -> np.ndarray:
+    """Weighted sums for ``rows`` normalised by each row's exact maximum log-weight (two passes)."""
+    F = coef_l.shape[1]
+    P = coef_i[rows]
+    row_max = np.full(rows.size, -np.inf)
+    for l0 in range(0, F, block):
+        logw = P @ coef_l[:, l0 : l0 + block]
+        _mask_self(logw, rows, l0)
+        row_max = np.maximum(row_max, logw.max(axis=1))
+    acc = np.zeros((rows.size, 3))
+    for l0 in range(0, F, block):
+        logw = P @ coef_l[:, l0 : l0 + block]
+        _mask_self(logw, rows, l0)
+        logw -= row_max[:, None]
+        np.exp(logw, out=logw)
+        acc += logw @ vals[l0 : l0 + block]
+    return acc
+
+
+def _mask_self(logw: np.ndarray, rows: np.ndarray, l0: int) -> None:
+    cols = rows - l0
+    inside = (cols >= 0) & (cols < logw.shape[1])
+    logw[np.flatnonzero(inside), cols[inside]] = -np.inf

@@ -32,6 +32,7 @@ __all__ = [
     "as_site_labels",
     "check_design_rank",
     "natural_cubic_basis",
+    "natural_cubic_penalty",
     "site_onehot",
 ]
 
@@ -110,6 +111,41 @@ def natural_cubic_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
         for j in range(K - 2):
             cols.append(d(j) - last)
     return np.column_stack(cols)
+
+
+def natural_cubic_penalty(knots: np.ndarray) -> np.ndarray:
+    """Roughness penalty ``P_jk = integral N_j''(u) N_k''(u) du`` of :func:`natural_cubic_basis`.
+
+    The second derivatives are linear between knots and zero outside the boundary knots, so
+    Simpson's rule on each inter-knot interval integrates their products exactly (in the
+    rescaled unit interval used by the basis). The linear column ``N_1`` is unpenalised (its
+    row and column are zero), so a penalised fit shrinks towards a straight line, as a
+    smoothing spline does (Hastie et al. 2009, section 5.4; Wood 2017, section 5.3).
+    """
+    knots = np.asarray(knots, dtype=float)
+    lo, hi = knots[0], knots[-1]
+    scale = hi - lo if hi > lo else 1.0
+    k = (knots - lo) / scale
+    K = k.shape[0]
+    m = K - 1
+    if K <= 2:
+        return np.zeros((m, m))
+
+    def second(u: np.ndarray) -> np.ndarray:
+        def dd(j: int) -> np.ndarray:
+            return 6.0 * (np.clip(u - k[j], 0, None) - np.clip(u - k[-1], 0, None)) / (k[-1] - k[j])
+
+        last = dd(K - 2)
+        cols = [np.zeros_like(u)] + [dd(j) - last for j in range(K - 2)]
+        return np.column_stack(cols)
+
+    P = np.zeros((m, m))
+    for a, b in zip(k[:-1], k[1:]):
+        u = np.array([a, 0.5 * (a + b), b])
+        S = second(u)
+        w = np.array([1.0, 4.0, 1.0]) * (b - a) / 6.0
+        P += S.T @ (w[:, None] * S)
+    return P
 
 
 def check_design_rank(
@@ -200,7 +236,7 @@ class CovariateEncoder:
             self.columns_.append(name)
             self.kinds_[name] = kind
             if kind == "categorical":
-                levels = sorted({str(v) for v in series})
+                levels = _sorted_levels(series)
                 if len(levels) < 2:
                     raise HarmonizationError(
                         f"categorical covariate {name!r} has a single level {levels[0]!r}"
@@ -314,6 +350,15 @@ class CovariateEncoder:
         enc.knots_ = {k: list(v) for k, v in state.get("knots", {}).items()}
         enc.design_names_ = enc._names()
         return enc
+
+
+def _sorted_levels(series: pd.Series) -> list[str]:
+    """Distinct values as strings, in ``np.unique`` order of the raw values (numeric order for
+    numbers, so the reference level is the one neuroCombat's ``make_design_matrix`` drops)."""
+    values = series.to_numpy()
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        return [str(v) for v in np.unique(values)]
+    return sorted({str(v) for v in values})
 
 
 def _is_categorical(series: pd.Series) -> bool:
