@@ -94,10 +94,13 @@ def _per_site_matrix(
     return yi.to_numpy(dtype=float), vi.to_numpy(dtype=float)
 
 
-def mixed_model(reml: bool = True) -> EffectEstimator:
+def mixed_model(reml: bool = True, d_formula: str = "beta") -> EffectEstimator:
     """Cohen's d of the effect from ``feature ~ effect + covariates + (1 | site)`` per feature.
 
-    Uses :func:`dmriharmony.harmonizers.mixed.fit` (vectorised over features).
+    Uses :func:`dmriharmony.harmonizers.mixed.fit` (vectorised over features, lme4's REML/ML).
+    ``d_formula`` is passed to :meth:`MixedFit.d`: ``"beta"`` (default) is the coefficient over
+    the within-site residual SD, the same definition as :func:`~.effects.effect_estimates` and
+    the simulator's truth; ``"nakagawa"`` is the t-based d of the ENIGMA scripts.
     """
 
     def estimate(table, features, site, effect, covariates):
@@ -106,22 +109,11 @@ def mixed_model(reml: bool = True) -> EffectEstimator:
         cov = [c for c in covariates if c != effect]
         fixed = " + ".join([effect, *cov])
         fit = mixed.fit(table, list(features), fixed=fixed, site=site, reml=reml)
-        return _mixed_d(fit, features, effect)
+        if not callable(getattr(fit, "d", None)):
+            raise HarmonizationError(f"mixed.fit returned {type(fit).__name__} without a d() "
+                                     "method")
+        d = fit.d(effect, formula=d_formula)
+        return pd.Series(np.asarray(d, dtype=float).reshape(-1), index=list(features))
 
-    return EffectEstimator(estimate, name="mixed model (REML)" if reml else "mixed model (ML)")
-
-
-def _mixed_d(fit, features: Sequence[str], effect: str) -> pd.Series:
-    """Cohen's d of ``effect``: the fit's own d if it provides one, else beta / residual SD."""
-    for getter in ("d", "cohens_d"):
-        fn = getattr(fit, getter, None)
-        if callable(fn):
-            return pd.Series(np.asarray(fn(effect), dtype=float).reshape(-1), index=features)
-    coef = getattr(fit, "coef", None)
-    resid_var = getattr(fit, "resid_var", None)
-    if coef is not None and resid_var is not None:
-        beta = pd.DataFrame(coef).loc[:, effect] if effect in pd.DataFrame(coef).columns else \
-            pd.DataFrame(coef).loc[effect]
-        return pd.Series(np.asarray(beta, float) / np.sqrt(np.asarray(resid_var, float)),
-                         index=features)
-    raise HarmonizationError(f"cannot read a d for {effect!r} from {type(fit).__name__}")
+    kind = "REML" if reml else "ML"
+    return EffectEstimator(estimate, name=f"mixed model ({kind}, d={d_formula})")
