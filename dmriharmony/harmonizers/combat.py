@@ -420,9 +420,9 @@ class ComBat:
                 f"X has {p} features but the model was fitted on {self.n_features_in_}"
             )
         if names is not None and self.feature_names_ is not None and names != self.feature_names_:
-            diff = next(a for a, b in zip(names, self.feature_names_) if a != b)
+            got, want = next((a, b) for a, b in zip(names, self.feature_names_) if a != b)
             raise HarmonizationError(
-                f"X's feature columns differ from the fitted ones (first mismatch: {diff!r})"
+                f"X has feature column {got!r} where the fitted model has {want!r}"
             )
         labels = as_site_labels(sites, n)
         unseen = sorted(set(labels) - set(self.sites_))
