@@ -143,3 +143,17 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     return atomic_write(path, lambda tmp: nib.save(img, tmp))
+
+
+def stack_images(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Stack 3-D images of one grid into a 4-D image (TBSS's ``all_FA_skeletonised``)."""
+    if not paths:
+        raise TemplateError("no images to stack")
+    first = load_image(paths[0], what="skeletonised map")
+    vols = []
+    for p in paths:
+        img = load_image(p, what="skeletonised map")
+        if not same_grid(img, first):
+            raise TemplateError(f"{p} is not on the grid of {paths[0]}")
+        vols.append(np.asanyarray(img.dataobj).reshape(img.shape[:3]).astype(np.float32))
+    return save_nifti(np.stack(vols, axis=-1), first.affine, out)

@@ -228,10 +228,13 @@ def combine_rois(
     voxels contribute nothing. The result is sorted by tract name (byte order), as ENIGMA's
     ``_ROIout_avg.csv``.
     """
+    default = combination_table is None
     if combination_table is None or isinstance(combination_table, (str, os.PathLike)):
         table = read_combination_table(combination_table)
     else:
         table = dict(combination_table)
+    if default:
+        table = _extend_for_other_atlases(table, per_label.index)
     rows = []
     for tract, components in table.items():
         present = [c for c in components if c in per_label.index]
@@ -244,6 +247,35 @@ def combine_rois(
         rows.append((tract, avg, total))
     out = pd.DataFrame(rows, columns=["Tract", "Average", "nVoxels"]).set_index("Tract")
     return out.loc[sorted(out.index)]
+
+
+#: ENIGMA labels deliberately left out of the combined table (brainstem and cerebellum).
+ENIGMA_EXCLUDED = frozenset({"ML-L", "ML-R", "ICP-L", "ICP-R", "SCP-L", "SCP-R", "CP-L", "CP-R",
+                             "MCP", "PCT"})
+
+
+def _extend_for_other_atlases(table: dict[str, list[str]],
+                              labels: Iterable[str]) -> dict[str, list[str]]:
+    """Add rows for labels ENIGMA's table does not know (e.g. phantom bundles).
+
+    A label that is neither a component of ENIGMA's table nor one of ENIGMA's deliberately
+    excluded brainstem labels is kept as itself, and ``X-L``/``X-R`` pairs get a bilateral
+    ``X``, following ENIGMA's rule. ENIGMA's own labels are unaffected, so its output is
+    reproduced exactly.
+    """
+    known = {c for comps in table.values() for c in comps} | set(table)
+    out = dict(table)
+    extra = [str(lab) for lab in labels if str(lab) not in known
+             and str(lab) not in ENIGMA_EXCLUDED]
+    for lab in extra:
+        out.setdefault(lab, [lab])
+        if lab.endswith(("-L", "-R")):
+            base = lab[:-2]
+            if base not in table:
+                comps = out.setdefault(base, [])
+                if lab not in comps:
+                    comps.append(lab)
+    return out
 
 
 def write_enigma_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -450,3 +482,9 @@ def build_roi_table(
     front = [c for c in ID_COLUMNS if c in out.columns]
     covs = [c for c in out.columns if c not in front and c not in roi_cols]
     return out[front + covs + roi_cols]
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a group ROI table as TSV (``n/a`` for missing values), atomically."""
+    return atomic_write(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False, na_rep="n/a",
+                                                       float_format="%.8g"))

@@ -248,3 +248,50 @@ def skeleton_distance_map(mask: np.ndarray, skeleton: np.ndarray) -> np.ndarray:
     if mask.shape != skel.shape:
         raise TemplateError(f"mask {mask.shape} and skeleton {skel.shape} grids differ")
     return ndi.distance_transform_edt(mask & ~skel).astype(np.float32)
+
+
+def tube_directions(skeleton: np.ndarray, direction: np.ndarray,
+                    max_neighbours: int = 3) -> np.ndarray:
+    """Second search line for skeleton voxels that lie on a 1-D curve (tube-like tracts).
+
+    A sheet-like skeleton has one perpendicular, which :func:`perpendicular_directions` finds.
+    Where a tract is a thin tube, TBSS's skeleton is a curve and the tract has *two*
+    perpendiculars; a single search line then misses misalignment along the other one. For
+    skeleton voxels with at most ``max_neighbours`` skeleton neighbours (a curve: 1-2), the curve
+    tangent ``t`` is the principal axis of the neighbour offsets and the second line is the one of
+    :data:`DIRECTIONS` best aligned with ``t x d1``. This is an extension of Smith et al. (2006),
+    used by :func:`dmriharmony.tbss.project.search_positions` with the same distance-map rule.
+
+    Returns
+    -------
+    ndarray of int8
+        Line index per voxel; -1 where there is no second line (sheets, off the skeleton).
+    """
+    skel = np.asarray(skeleton) != 0
+    out = np.full(skel.shape, -1, np.int8)
+    coords = np.argwhere(skel)
+    if not len(coords):
+        return out
+    padded = np.pad(skel, 1)
+    offsets = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)
+                        if (i, j, k) != (0, 0, 0)])
+    present = np.stack([padded[tuple((coords + 1 + o).T)] for o in offsets], axis=1)
+    count = present.sum(axis=1)
+    line = (count >= 1) & (count <= max_neighbours) & (np.asarray(direction)[skel] >= 0)
+    if not line.any():
+        return out
+    unit = offsets / np.linalg.norm(offsets, axis=1, keepdims=True)
+    scatter = np.einsum("ni,ij,ik->njk", present[line].astype(float), unit, unit)
+    _, vecs = np.linalg.eigh(scatter)
+    tangent = vecs[:, :, -1]
+    d1 = _UNIT[np.asarray(direction)[skel][line].astype(int)]
+    d2 = np.cross(tangent, d1)
+    norm = np.linalg.norm(d2, axis=1)
+    ok = norm > 0.5  # tangent not parallel to the first perpendicular
+    d2 = d2 / np.where(norm > 0, norm, 1)[:, None]
+    best = np.argmax(np.abs(d2 @ _UNIT.T), axis=1).astype(np.int8)
+    first = np.asarray(direction)[skel][line]
+    best[(best == first) | ~ok] = -1
+    idx = coords[line]
+    out[tuple(idx.T)] = best
+    return out
