@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from dmriharmony.evaluation._harmonizer import NoHarmonization
+from dmriharmony.evaluation._harmonizer import CovariateSubset, NoHarmonization
 from dmriharmony.evaluation.effects import effect_estimates, effect_preservation
 from dmriharmony.evaluation.estimators import EffectEstimator, meta_analysis, mixed_model
 from dmriharmony.evaluation.evaluate import (
@@ -31,6 +31,7 @@ from dmriharmony.evaluation.site_prediction import (
 from dmriharmony.evaluation.traveling import traveling_agreement, traveling_preservation
 
 __all__ = [
+    "CovariateSubset",
     "EffectEstimator",
     "NoHarmonization",
     "SitePredictionResult",

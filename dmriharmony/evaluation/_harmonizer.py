@@ -95,3 +95,38 @@ class NoHarmonization:
             raise HarmonizationError(f"expected {self.n_features_in_} feature columns, got "
                                      f"shape {X.shape}")
         return X.copy()
+
+
+class CovariateSubset:
+    """Wrap a harmonizer so that it protects only some of the covariates it is given.
+
+    Used to show what happens when a biological term is *not* protected: with ``keep=["age",
+    "sex"]`` a ComBat fit treats the diagnosis as noise, and removes the part of it that is
+    confounded with site (Fortin et al., *NeuroImage* 2017, sec. 2.3: covariates must be
+    included to be preserved).
+    """
+
+    def __init__(self, spec: HarmonizerSpec, keep: Sequence[str]) -> None:
+        self.spec = spec
+        self.keep = list(keep)
+
+    def _subset(self, covariates: Any) -> pd.DataFrame | None:
+        if not self.keep:
+            return None
+        if covariates is None:
+            raise HarmonizationError(f"covariates {self.keep} requested but none given")
+        cov = pd.DataFrame(covariates)
+        missing = [c for c in self.keep if c not in cov.columns]
+        if missing:
+            raise HarmonizationError(f"covariate {missing[0]!r} not among {list(cov.columns)}")
+        return cov[self.keep]
+
+    def fit(self, X: Any, sites: Any, covariates: Any = None) -> CovariateSubset:
+        self.harmonizer_ = new_harmonizer(self.spec)
+        self.harmonizer_.fit(X, sites, self._subset(covariates))
+        return self
+
+    def transform(self, X: Any, sites: Any, covariates: Any = None) -> Any:
+        if not hasattr(self, "harmonizer_"):
+            raise HarmonizationError("CovariateSubset is not fitted: call fit first")
+        return self.harmonizer_.transform(X, sites, self._subset(covariates))

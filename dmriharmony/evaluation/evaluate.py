@@ -22,7 +22,12 @@ from tqdm.auto import tqdm
 
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.evaluation._design import check_columns
-from dmriharmony.evaluation._harmonizer import HarmonizerSpec, NoHarmonization, fit_transform
+from dmriharmony.evaluation._harmonizer import (
+    CovariateSubset,
+    HarmonizerSpec,
+    NoHarmonization,
+    fit_transform,
+)
 from dmriharmony.evaluation.effects import effect_estimates, effect_preservation
 from dmriharmony.evaluation.estimators import EffectEstimator, meta_analysis, mixed_model
 from dmriharmony.evaluation.site_prediction import site_prediction
@@ -78,6 +83,7 @@ def evaluate_harmonizer(
     n_permutations: int = 0,
     subject: str = "subject",
     site_term: bool = False,
+    before_folds: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Score one harmonizer (or effect estimator) on a multi-site table.
 
@@ -114,6 +120,8 @@ def evaluate_harmonizer(
     site_term : bool
         Add site as a fixed effect to the effect model (default: pooled model, the analysis
         one runs on harmonized data).
+    before_folds : sequence of float, optional
+        Raw-data site-prediction fold scores already computed with the same settings.
 
     Returns
     -------
@@ -139,7 +147,8 @@ def evaluate_harmonizer(
     parts = []
     sp = site_prediction(table, features, harmonizer, site=site, covariates=covariates,
                          n_splits=n_splits, seed=seed, classifier=classifier,
-                         residualize=residualize, n_permutations=n_permutations)
+                         residualize=residualize, n_permutations=n_permutations,
+                         before_folds=before_folds)
     parts.append(pd.DataFrame({"metric": ["site_balanced_accuracy"], "feature": ["ALL"],
                                "before": [sp.before], "after": [sp.after],
                                "truth": [sp.chance]}))
@@ -168,8 +177,9 @@ def evaluate_harmonizer(
         trav_after[features] = harmonized[1]
         parts.append(traveling_preservation(traveling.reset_index(drop=True), trav_after,
                                             features, subject, site, traveling_clean))
-    out = pd.concat(parts, ignore_index=True)
-    return _finish(out)
+    out = _finish(pd.concat(parts, ignore_index=True))
+    out.attrs["site_prediction"] = sp
+    return out
 
 
 def _clean_table(
@@ -259,6 +269,7 @@ def _evaluate_estimator(
 
 
 def _finish(out: pd.DataFrame) -> pd.DataFrame:
+    """Relative errors (effect metrics only) and the column order of :data:`COLUMNS`."""
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = out["metric"].str.endswith(("_d", "_beta", "_d_clean"))
         out["rel_err_before"] = np.where(rel, (out["before"] - out["truth"]) / out["truth"].abs(),
@@ -292,19 +303,27 @@ def compare_harmonizers(
     if not harmonizers:
         raise HarmonizationError("no harmonizer to compare")
     frames = []
+    before: list[float] | None = None
     for name, spec in tqdm(harmonizers.items(), desc="harmonizers", disable=None):
         logger.info("evaluating %s", name)
-        res = evaluate_harmonizer(NoHarmonization if spec is None else spec, table, **kwargs)
+        spec = NoHarmonization if spec is None else spec
+        res = evaluate_harmonizer(spec, table, before_folds=before, **kwargs)
+        if before is None and not isinstance(spec, EffectEstimator):
+            # the raw-data score is the same for every harmonizer (same folds): compute once
+            before = res.attrs["site_prediction"].before_folds
         res.insert(0, "harmonizer", name)
         frames.append(res)
     return pd.concat(frames, ignore_index=True)
 
 
-def default_harmonizers(smooth: str = "age") -> dict[str, HarmonizerSpec | EffectEstimator]:
+def default_harmonizers(
+    smooth: str = "age", unprotected_keep: Sequence[str] = ("age", "sex")
+) -> dict[str, HarmonizerSpec | EffectEstimator]:
     """The standard comparison set, for :func:`compare_harmonizers`.
 
     ``none`` (raw data); ComBat (Fortin et al. 2017): parametric EB, non-parametric EB,
-    mean-only; CovBat (Chen et al., *Hum Brain Mapp* 2022); ComBat-GAM (Pomponio et al.,
+    mean-only, and (as a warning example) ComBat protecting only ``unprotected_keep`` (the
+    diagnosis left out); CovBat (Chen et al., *Hum Brain Mapp* 2022); ComBat-GAM (Pomponio et al.,
     *NeuroImage* 2020) with a smooth term for ``smooth``; and the effect estimators that
     do not harmonize data: random-effects meta-analysis of per-site d (REML) and the mixed model
     with a random site intercept (REML).
@@ -316,6 +335,7 @@ def default_harmonizers(smooth: str = "age") -> dict[str, HarmonizerSpec | Effec
         "combat": partial(ComBat, parametric=True),
         "combat_nonparametric": partial(ComBat, parametric=False),
         "combat_mean_only": partial(ComBat, mean_only=True),
+        "combat_dx_unprotected": CovariateSubset(partial(ComBat), keep=unprotected_keep),
         "covbat": CovBat,
         "combat_gam": partial(ComBatGAM, smooth=[smooth]),
         "meta_analysis": meta_analysis("REML"),

@@ -37,6 +37,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.evaluation._design import (
@@ -134,8 +135,11 @@ def _score(
     A = np.where(np.isnan(A), means, A)
     B = np.where(np.isnan(B), means, B)
     clf = make_classifier(classifier, seed)
-    clf.fit(A, y_train)
-    return float(balanced_accuracy_score(y_test, clf.predict(B)))
+    # Small problems: one BLAS thread is several times faster than contending threads.
+    with threadpool_limits(limits=1):
+        clf.fit(A, y_train)
+        pred = clf.predict(B)
+    return float(balanced_accuracy_score(y_test, pred))
 
 
 def site_prediction(
@@ -150,6 +154,7 @@ def site_prediction(
     residualize: bool = True,
     n_permutations: int = 0,
     leaky: bool = True,
+    before_folds: Sequence[float] | None = None,
 ) -> SitePredictionResult:
     """Predict site from features by stratified K-fold CV, before and after harmonization.
 
@@ -180,6 +185,9 @@ def site_prediction(
         If > 0, also estimate chance by scoring the raw features against shuffled site labels.
     leaky : bool
         Also score the leaky protocol (harmonizer fitted once on all rows), ``after_leaky``.
+    before_folds : sequence of float, optional
+        Raw-data scores of the same folds computed earlier with the same arguments (a
+        comparison of several harmonizers scores the raw data once); not recomputed.
 
     Returns
     -------
@@ -215,7 +223,7 @@ def site_prediction(
         logger.debug("site prediction fold %d/%d", fold + 1, k)
         Ctr = C[tr] if C is not None else None
         Cte = C[te] if C is not None else None
-        variants = [("before", X[tr], X[te])]
+        variants = [] if before_folds is not None else [("before", X[tr], X[te])]
         if harmonizer is not None:
             train, test = table.iloc[tr], table.iloc[te]
             _, (Xh_tr, Xh_te) = fit_transform(harmonizer, train, [train, test], features, site,
@@ -225,6 +233,10 @@ def site_prediction(
                 variants.append(("leaky", X_leaky[tr], X_leaky[te]))
         for label, A, B in variants:
             scores[label].append(_score(A, B, y[tr], y[te], Ctr, Cte, classifier, seed))
+    if before_folds is not None:
+        if len(before_folds) != k:
+            raise HarmonizationError(f"before_folds has {len(before_folds)} scores for {k} folds")
+        scores["before"] = [float(v) for v in before_folds]
     if harmonizer is None:
         scores["after"] = list(scores["before"])
 
