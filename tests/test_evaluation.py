@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import statsmodels.api as sm
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from dmriharmony.errors import HarmonizationError
@@ -155,10 +156,14 @@ def test_site_prediction_is_deterministic_and_seeded(sim):
     table, truth = sim
     f = truth["features"]
     small = table.groupby("site").head(20)
-    a = site_prediction(small, f[:4], SiteCentering, covariates=COV, seed=4, classifier="forest",
+    forest = RandomForestClassifier(n_estimators=10, random_state=4)
+    a = site_prediction(small, f[:4], SiteCentering, covariates=COV, seed=4, classifier=forest,
                         n_splits=2, leaky=False)
-    b = site_prediction(small, f[:4], SiteCentering, covariates=COV, seed=4, classifier="forest",
+    b = site_prediction(small, f[:4], SiteCentering, covariates=COV, seed=4, classifier=forest,
                         n_splits=2, leaky=False)
+    assert not hasattr(forest, "estimators_")  # a clone is fitted, never the given one
+    default = make_classifier("forest", seed=4)
+    assert default.n_estimators == 200 and default.random_state == 4
     assert a.before_folds == b.before_folds and a.after_folds == b.after_folds
     assert np.isnan(a.after_leaky)
     c = site_prediction(small, f[:4], None, covariates=COV, seed=4, classifier="lda")

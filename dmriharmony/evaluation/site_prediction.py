@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, clone
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -89,13 +90,15 @@ class SitePredictionResult:
     chance_permutation_q95: float = float("nan")
 
 
-def make_classifier(kind: str = "logistic", seed: int = 0):
+def make_classifier(kind: str | BaseEstimator = "logistic", seed: int = 0) -> BaseEstimator:
     """Classifier used to predict site.
 
     ``"logistic"``: standardised features, multinomial L2-regularised logistic regression
     (``C=1``); ``"forest"``: random forest, 200 trees, seeded; ``"lda"``: linear discriminant
-    analysis (the classifier of the site-prediction checks in Fortin et al. 2018).
+    analysis. Any scikit-learn classifier instance is accepted too (an unfitted clone is used).
     """
+    if isinstance(kind, BaseEstimator):
+        return clone(kind)
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
     if kind == "forest":
@@ -124,7 +127,8 @@ def _residualize(
 
 def _score(
     A: np.ndarray, B: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
-    C_train: np.ndarray | None, C_test: np.ndarray | None, classifier: str, seed: int,
+    C_train: np.ndarray | None, C_test: np.ndarray | None, classifier: str | BaseEstimator,
+    seed: int,
 ) -> float:
     """Balanced accuracy of one fold: optional residualisation, mean imputation, classifier."""
     if C_train is not None and C_train.shape[1]:
@@ -150,7 +154,7 @@ def site_prediction(
     covariates: Sequence[str] = (),
     n_splits: int = 5,
     seed: int = 0,
-    classifier: str = "logistic",
+    classifier: str | BaseEstimator = "logistic",
     residualize: bool = True,
     n_permutations: int = 0,
     leaky: bool = True,
@@ -177,7 +181,7 @@ def site_prediction(
         Folds of the stratified K-fold (shuffled with ``seed``); capped by the smallest site.
     seed : int
         Seed of the fold split, the forest and the permutations.
-    classifier : {"logistic", "forest", "lda"}
+    classifier : {"logistic", "forest", "lda"} or scikit-learn classifier
         See :func:`make_classifier`.
     residualize : bool
         Regress the covariates out (fitted on the training fold, site as fixed effect).
