@@ -184,8 +184,8 @@ class ComBat:
         """Covariates expanded in a spline basis (ComBat-GAM overrides)."""
         return {}
 
-    def _fit_location(self, design: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        """Coefficients ``B`` (m, f) of ``Y ~ design`` for complete columns of ``Y`` (OLS)."""
+    def _fit_location(self, design: np.ndarray, Y: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Coefficients ``B`` (m, f) of ``Y ~ design`` (OLS); ``Y`` holds features ``cols``."""
         return np.linalg.lstsq(design, Y, rcond=None)[0]
 
     def _params(self) -> dict[str, Any]:
@@ -483,8 +483,8 @@ class ComBat:
     def _set_extra_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         return None
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Save the fitted model to ``path`` (``.npz`` with a JSON header; no pickle)."""
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The fitted model as numeric arrays and a JSON-serialisable header."""
         self._check_fitted()
         arrays = {name: getattr(self, name) for name in self._ARRAYS}
         meta = {
@@ -502,16 +502,15 @@ class ComBat:
         extra_arrays, extra_meta = self._extra_state()
         arrays.update(extra_arrays)
         meta["extra"] = extra_meta
-        write_model(path, arrays, meta)
+        return arrays, meta
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> ComBat:
-        """Load a model written by :meth:`save`."""
-        arrays, meta = read_model(path, cls.__name__)
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> ComBat:
+        """Rebuild a fitted model from :meth:`get_state` output."""
         obj = cls(**meta["params"])
         for name in cls._ARRAYS:
             if name not in arrays:
-                raise HarmonizationError(f"model file {path} lacks the array {name!r}")
+                raise HarmonizationError(f"the saved {cls.__name__} model lacks the array {name!r}")
             setattr(obj, name, arrays[name])
         obj.adjusted_ = obj.adjusted_.astype(bool)
         obj.sites_ = np.array(meta["sites"], dtype=str)
@@ -524,6 +523,15 @@ class ComBat:
         obj.float32_covariates_ = meta["float32_covariates"]
         obj._set_extra_state(arrays, meta.get("extra", {}))
         return obj
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the fitted model to ``path`` (``.npz`` with a JSON header; no pickle)."""
+        write_model(path, *self.get_state())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ComBat:
+        """Load a model written by :meth:`save`."""
+        return cls.from_state(*read_model(path, cls.__name__))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
@@ -583,7 +591,7 @@ def _regress(
     ok = np.zeros(p, dtype=bool)
     complete = use & finite.all(axis=0)
     if complete.any():
-        B[:, complete] = fit_fn(D, X[:, complete])
+        B[:, complete] = fit_fn(D, X[:, complete], np.flatnonzero(complete))
         ok[complete] = True
     partial = np.flatnonzero(use & ~complete)
     if partial.size:
@@ -594,7 +602,7 @@ def _regress(
             Dg = D[pattern]
             if Dg.shape[0] <= m or np.linalg.matrix_rank(Dg) < m:
                 continue
-            B[:, cols] = fit_fn(Dg, X[np.ix_(pattern, cols)])
+            B[:, cols] = fit_fn(Dg, X[np.ix_(pattern, cols)], cols)
             ok[cols] = True
     return B, ok
 
