@@ -143,7 +143,6 @@ def _check_harmonized(out, tables, kind):
 
 
 def test_combat_node_and_apply_to_new_scans(tables, tmp_path):
-    pytest.importorskip("dmriharmony.harmonizers.combat")
     from dmriharmony.harmonizers import ComBat
 
     out = _run(ComBatHarmonize(), tmp_path, "combat", in_file=tables["roi"],
@@ -154,6 +153,11 @@ def test_combat_node_and_apply_to_new_scans(tables, tmp_path):
     ref = ComBat().fit(t[f], t["site"].to_numpy(), t[COV]).transform(t[f], t["site"].to_numpy(),
                                                                      t[COV])
     np.testing.assert_allclose(harm[f].to_numpy(), np.asarray(ref), rtol=0, atol=1e-10)
+    model = ComBat().fit(t[f], t["site"].to_numpy(), t[COV])
+    site_eff = pd.read_csv(out.site_effects_file, sep="\t")
+    assert len(site_eff) == 3 * len(f)
+    g = site_eff.pivot(index="site", columns="feature", values="gamma_star").loc[:, f]
+    np.testing.assert_allclose(g.to_numpy(), model.gamma_star_, rtol=1e-10)
     # the saved model harmonizes "later" scans exactly as the fitted one did
     later = tmp_path / "later.tsv"
     t[["subject", "site", *f]].iloc[::4].to_csv(later, sep="\t", index=False)
@@ -165,7 +169,6 @@ def test_combat_node_and_apply_to_new_scans(tables, tmp_path):
 
 
 def test_combat_node_options_reach_the_model(tables, tmp_path):
-    pytest.importorskip("dmriharmony.harmonizers.combat")
     out = _run(ComBatHarmonize(), tmp_path, "combat_np", in_file=tables["full"], covariates=COV,
                parametric=False, ref_site="site1")
     harm = pd.read_csv(out.out_file, sep="\t")
@@ -180,14 +183,12 @@ def test_combat_node_options_reach_the_model(tables, tmp_path):
 
 
 def test_covbat_node(tables, tmp_path):
-    pytest.importorskip("dmriharmony.harmonizers.covbat")
     out = _run(CovBatHarmonize(), tmp_path, "covbat", in_file=tables["roi"],
                covariates_file=tables["participants"], covariates=COV)
     _check_harmonized(out, tables, "covbat")
 
 
 def test_combat_gam_node(tables, tmp_path):
-    pytest.importorskip("dmriharmony.harmonizers.gam")
     out = _run(ComBatGAMHarmonize(), tmp_path, "gam", in_file=tables["roi"],
                covariates_file=tables["participants"], covariates=COV, smooth=["age"])
     _check_harmonized(out, tables, "combat_gam")

@@ -151,6 +151,23 @@ def _effects_table(
     return res[["metric", "feature", "before", "after"]]
 
 
+def _site_effects_table(model: Any, features: list[str]) -> pd.DataFrame | None:
+    """Tidy (site, feature) table of a ComBat-family model's ``gamma_hat_``, ``delta_hat_``,
+    ``gamma_star_``, ``delta_star_`` (standardised units); ``None`` if the model has none."""
+    names = ("gamma_hat_", "delta_hat_", "gamma_star_", "delta_star_")
+    if not all(hasattr(model, n) for n in names) or not hasattr(model, "sites_"):
+        return None
+    sites = [str(s) for s in np.asarray(model.sites_)]
+    out = pd.DataFrame({"site": np.repeat(sites, len(features)),
+                        "feature": np.tile(features, len(sites))})
+    for n in names:
+        arr = np.asarray(getattr(model, n), dtype=float)
+        if arr.shape != (len(sites), len(features)):
+            return None
+        out[n.rstrip("_")] = arr.reshape(-1)
+    return out
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -177,6 +194,8 @@ class _HarmonizeOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="harmonized table (TSV, same rows and columns)")
     model_file = File(exists=True, desc="fitted model, for ApplyHarmonizer")
     effects_file = File(exists=True, desc="effect estimates per feature before/after (TSV)")
+    site_effects_file = File(exists=True, desc="estimated site location/scale per site and "
+                                               "feature, before/after empirical Bayes (TSV)")
 
 
 class _HarmonizeBase(SimpleInterface):
@@ -218,6 +237,10 @@ class _HarmonizeBase(SimpleInterface):
         after[features] = Xh
         eff = _effects_table(table, after, features, inp.effect, covariates)
         self._results["effects_file"] = write_tsv(eff, cwd / f"effects_desc-{self.kind}.tsv")
+        site_eff = _site_effects_table(model, features)
+        if site_eff is not None:
+            self._results["site_effects_file"] = write_tsv(
+                site_eff, cwd / f"site_effects_desc-{self.kind}.tsv")
         return runtime
 
 
