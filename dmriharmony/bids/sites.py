@@ -67,10 +67,11 @@ def normalize_vendor(manufacturer: object) -> str | None:
 
 
 def scanner_key(metadata: dict) -> str | None:
-    """``Manufacturer_Model_<field>T_Serial`` from sidecar metadata (None if nothing known)."""
+    """``Manufacturer_Model_<field>T_Serial`` from sidecar metadata (1.5 T -> ``1p5T``; None if
+    nothing is known)."""
     field = metadata.get("MagneticFieldStrength")
     try:
-        field_txt = None if field is None else f"{float(field):g}T"
+        field_txt = None if field is None else f"{float(field):g}T".replace(".", "p")
     except (TypeError, ValueError):
         field_txt = _clean(field)
     parts = [

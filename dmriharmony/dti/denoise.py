@@ -35,9 +35,10 @@ def denoise(
         from dipy.denoise.localpca import mppca
 
         radius = max(1, min(patch_radius, (min(data.shape[:3]) - 1) // 2))
-        return np.asarray(
-            mppca(data, mask=mask, patch_radius=radius, suppress_warning=True), np.float32
-        )
+        out = mppca(data, mask=mask, patch_radius=radius, suppress_warning=True)
+        # voxels outside the mask come back as 0/0: keep them as they were
+        out = np.where(np.isfinite(out), out, data)
+        return np.asarray(out, np.float32)
     from dipy.denoise.patch2self import patch2self
 
     return np.asarray(

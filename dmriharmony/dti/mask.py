@@ -40,10 +40,20 @@ def brain_mask(
     numpy.ndarray
         Boolean 3-D mask. A mask that would be empty falls back to all voxels with a positive
         mean b0 (tiny field-of-view acquisitions).
+
+    Notes
+    -----
+    Median filtering erodes objects a few voxels thick, so small volumes (smallest dimension
+    under 32 voxels: phantoms, slabs) use radius 1 and, under 16 voxels, a single pass.
     """
     b0 = mean_b0(data, bvals, b0_threshold)
-    radius = max(1, min(median_radius, (min(b0.shape) - 1) // 2))
-    _, mask = median_otsu(b0, median_radius=radius, numpass=numpass)
+    smallest = min(b0.shape)
+    radius, passes = median_radius, numpass
+    if smallest < 32:
+        radius = 1
+    if smallest < 16:
+        passes = 1
+    _, mask = median_otsu(b0, median_radius=radius, numpass=passes)
     mask = np.asarray(mask, bool)
     if not mask.any():
         mask = b0 > 0

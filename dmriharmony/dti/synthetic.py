@@ -70,6 +70,20 @@ def synth_dwi(labels: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, *, snr: 
     return noisy.astype(np.float32), fa
 
 
+def _save_run(base: str, data: np.ndarray, affine: np.ndarray, bvals: np.ndarray,
+              bvecs: np.ndarray, meta: dict | None) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, f"{base}.nii.gz")
+    if bvals is not None:
+        np.savetxt(f"{base}.bval", bvals[None], fmt="%g")
+        np.savetxt(f"{base}.bvec", bvecs.T, fmt="%.6f")
+    if meta is not None:
+        Path(f"{base}.json").write_text(json.dumps(meta, indent=2))
+
+
 def write_bids_dataset(
     root: str | Path,
     subjects: tuple[str, ...] = ("01",),
@@ -81,37 +95,73 @@ def write_bids_dataset(
     voxel_size: float = 2.0,
     seed: int = 0,
     sidecar: dict | None = None,
+    sessions: tuple[str, ...] | None = None,
+    sites: dict[str, str] | None = None,
+    inherit: bool = False,
+    split_shells: bool = False,
 ) -> dict[str, np.ndarray]:
     """Write a small BIDS DWI dataset; return ``{subject: true FA map}`` (labels under "labels").
 
-    Every subject gets its own noise (seed ``seed + index``).
+    Every run gets its own noise (seed ``seed`` + run index).
+
+    Parameters
+    ----------
+    sessions
+        Session labels; each subject is scanned in every session.
+    sites
+        ``{subject: site}`` written as a ``site`` column of ``participants.tsv``.
+    inherit
+        Write one ``dwi.bval``/``dwi.bvec``/``dwi.json`` at the dataset root (BIDS
+        inheritance) instead of one per run.
+    split_shells
+        Write the b=0 volumes plus the first shell as ``acq-lowb`` and the other shells as
+        ``acq-highb`` (one acquisition exported as two series), on the same grid.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "dataset_description.json").write_text(json.dumps(
-        {"Name": "synthetic tensor phantom", "BIDSVersion": "1.10.0", "DatasetType": "raw"}))
-    (root / "participants.tsv").write_text(
-        "participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
-    (root / "README").write_text("Synthetic tensor-field DWI written by dmriharmony.\n")
+        {"Name": "synthetic tensor phantom", "BIDSVersion": "1.10.0", "DatasetType": "raw",
+         "License": "CC0", "Authors": ["dmriharmony"]}, indent=2))
+    lines = ["participant_id" + ("\tsite" if sites else "")]
+    for sub in subjects:
+        lines.append(f"sub-{sub}" + (f"\t{sites.get(sub, 'n/a')}" if sites else ""))
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    (root / "README").write_text(
+        "Synthetic tensor-field DWI written by dmriharmony.dti.synthetic: an ellipsoidal brain\n"
+        "of isotropic grey matter with a band of white matter, Rician noise. For tests only.\n")
     labels = tensor_phantom(shape)["labels"]
     bvals, bvecs = gradient_scheme(n_dirs, bvalues)
     affine = np.diag([voxel_size] * 3 + [1.0])
     meta = {"Manufacturer": "Siemens", "ManufacturersModelName": "Prisma ",
-            "MagneticFieldStrength": 3, "EchoTime": 0.08, "RepetitionTime": 3.0}
+            "MagneticFieldStrength": 3, "EchoTime": 0.08, "RepetitionTime": 3.0,
+            "PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
     meta.update(sidecar or {})
+    meta = {k: v for k, v in meta.items() if v is not None}
+    if split_shells and len(bvalues) < 2:
+        raise ValueError("split_shells needs at least two b-values")
+    parts = [("", np.arange(len(bvals)))]
+    if split_shells:
+        low = np.flatnonzero(bvals <= bvalues[0])
+        parts = [("lowb", low), ("highb", np.flatnonzero(bvals > bvalues[0]))]
+    if inherit:
+        for acq, idx in parts:
+            stem = root / (f"acq-{acq}_dwi" if acq else "dwi")
+            np.savetxt(f"{stem}.bval", bvals[idx][None], fmt="%g")
+            np.savetxt(f"{stem}.bvec", bvecs[idx].T, fmt="%.6f")
+        (root / "dwi.json").write_text(json.dumps(meta, indent=2))
     truth: dict[str, np.ndarray] = {"labels": labels}
-    for i, sub in enumerate(subjects):
-        data, fa = synth_dwi(labels, bvals, bvecs, snr=snr, seed=seed + i)
-        d = root / f"sub-{sub}" / "dwi"
-        d.mkdir(parents=True, exist_ok=True)
-        base = d / f"sub-{sub}_dwi"
-        img = nib.Nifti1Image(data, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm", "sec")
-        nib.save(img, f"{base}.nii.gz")
-        np.savetxt(f"{base}.bval", bvals[None], fmt="%g")
-        np.savetxt(f"{base}.bvec", bvecs.T, fmt="%.6f")
-        Path(f"{base}.json").write_text(json.dumps(meta, indent=2))
-        truth[sub] = fa
+    k = 0
+    for sub in subjects:
+        for ses in sessions or (None,):
+            data, fa = synth_dwi(labels, bvals, bvecs, snr=snr, seed=seed + k)
+            k += 1
+            d = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "dwi"
+            d.mkdir(parents=True, exist_ok=True)
+            stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+            for acq, idx in parts:
+                base = d / (stem + (f"_acq-{acq}" if acq else "") + "_dwi")
+                _save_run(str(base), data[..., idx], affine,
+                          None if inherit else bvals[idx], bvecs[idx],
+                          None if inherit else meta)
+            truth[sub] = fa
     return truth
