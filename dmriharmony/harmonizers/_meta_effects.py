@@ -240,29 +240,36 @@ def site_effects(
         n_f = np.full(len(feats), float(idx.size))
         n1_f = np.full(len(feats), float(e.sum()) if binary else np.nan)
         df_f = np.full(len(feats), float(x.shape[0] - x.shape[1]))
-        complete = np.isfinite(y).all(axis=0)
-        if complete.any():
-            b[complete], se[complete], _, s2[complete] = _ols_term(x, y[:, complete], 1)
-        for j in np.flatnonzero(~complete):
-            ok = np.isfinite(y[:, j])
-            if ok.sum() < 2 or np.ptp(e[ok]) == 0:
-                n_f[j] = ok.sum()
-                continue
-            xj = _site_design(e[ok], cov[idx][ok])
-            if xj.shape[0] - xj.shape[1] < 1 + (measure == "z"):
-                continue
-            bj, sej, dfj, s2j = _ols_term(xj, y[ok, j : j + 1], 1)
-            b[j], se[j], df_f[j], n_f[j], s2[j] = bj[0], sej[0], dfj, ok.sum(), s2j[0]
+        observed = np.isfinite(y)
+        # Features sharing a pattern of missing subjects share a design: one OLS per pattern.
+        if observed.all():
+            patterns, which = np.ones((idx.size, 1), dtype=bool), np.zeros(len(feats), int)
+        else:
+            patterns, which = np.unique(observed, axis=1, return_inverse=True)
+        for g in range(patterns.shape[1]):
+            ok = patterns[:, g]
+            cols = np.flatnonzero(which.ravel() == g)
+            n_f[cols] = ok.sum()
             if binary:
-                n1_f[j] = e[ok].sum()
+                n1_f[cols] = e[ok].sum()
+            if ok.sum() < 2 or np.ptp(e[ok]) == 0:
+                continue
+            xg = x if ok.all() else _site_design(e[ok], cov[idx][ok])
+            if xg.shape[0] - xg.shape[1] < 1 + (measure == "z"):
+                continue
+            bg, seg, dfg, s2g = _ols_term(xg, y[np.ix_(ok, cols)], 1)
+            b[cols], se[cols], df_f[cols], s2[cols] = bg, seg, dfg, s2g
         sd_y = np.nanstd(y, axis=0, ddof=1)
+        perfect = se <= 1e-12 * np.maximum(np.abs(b), sd_y)
+        if perfect.any():
+            warnings.warn(
+                f"site {s!r}: {int(perfect.sum())} feature(s) fitted perfectly (zero residual "
+                f"variance), e.g. {feats[int(np.flatnonzero(perfect)[0])]!r}; left out",
+                stacklevel=2,
+            )
+            b[perfect] = se[perfect] = np.nan
         with np.errstate(invalid="ignore", divide="ignore"):
             t = b / se
-            if np.any(se == 0):
-                bad = feats[int(np.flatnonzero(se == 0)[0])]
-                raise HarmonizationError(
-                    f"feature {bad!r} is fitted perfectly at site {s!r} (zero residual variance)"
-                )
         rec: dict[str, Any] = {
             "feature": feats, "site": s, "n": n_f.astype(int), "n1": n1_f,
             "n2": n_f - n1_f, "df": df_f, "b": b, "t": t,

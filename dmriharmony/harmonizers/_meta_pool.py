@@ -111,6 +111,11 @@ def _as_2d(
     return y, v, w, scalar
 
 
+def _col(m: Any, idx: np.ndarray) -> Any:
+    """Columns ``idx`` of the observation mask (a scalar 1.0 when nothing is missing)."""
+    return m if np.ndim(m) == 0 else m[:, idx]
+
+
 def _sums(w: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted mean and sum of weights along axis 0."""
     sw = w.sum(axis=0)
@@ -248,10 +253,10 @@ def _tau2_pm(y, v, m, k, tol: float | None, maxiter: int):
     active = np.flatnonzero((k > 1) & (q0 > k - 1))
     if active.size == 0:
         return tau2
-    ya, va, ma, ka = y[:, active], v[:, active], m[:, active], k[active]
+    ya, va, ma, ka = y[:, active], v[:, active], _col(m, active), k[active]
 
     def g(t, idx):
-        return _gen_q(ya[:, idx], va[:, idx], ma[:, idx], t)[0] - (ka[idx] - 1)
+        return _gen_q(ya[:, idx], va[:, idx], _col(ma, idx), t)[0] - (ka[idx] - 1)
 
     ybar = (ma * ya).sum(axis=0) / ka
     bound = 1.01 * (ma * (ya - ybar) ** 2).sum(axis=0) / (ka - 1)
@@ -262,34 +267,106 @@ def _tau2_pm(y, v, m, k, tol: float | None, maxiter: int):
     return tau2
 
 
-def _tau2_likelihood(y, v, m, k, reml: bool, tol: float, maxiter: int):
-    """(Restricted) maximum likelihood by Fisher scoring (Viechtbauer 2005, eqs. 9-12).
+def _score(y, v, m, t, reml: bool):
+    """Score U(tau^2) of the (restricted) log-likelihood (x2) and its derivative dU/dtau^2.
 
-    Started at the Hedges estimate as metafor does; tau^2 is kept non-negative. Only features
-    that have not converged are updated.
+    ML: ``U = sum w^2 r^2 - sum w``; REML: ``U = sum w^2 r^2 - tr(P)`` with ``tr(P) = sum w -
+    sum w^2 / sum w`` (Viechtbauer 2005, eqs. 9-12), ``w = 1 / (v + tau^2)``, ``r = y - mu``.
     """
-    tau2 = _tau2_he(y, v, m, k)
-    idx = np.flatnonzero(k > 1)
-    for _ in range(maxiter):
-        if idx.size == 0:
-            break
-        ya, va, ma, t = y[:, idx], v[:, idx], m[:, idx], tau2[idx]
-        w = ma / (va + t)
-        mu, sw = _sums(w, ya)
-        w2 = w**2
-        sw2 = w2.sum(axis=0)
-        score = (w2 * (ya - mu) ** 2).sum(axis=0)
+    w = m / (v + t)
+    mu, sw = _sums(w, y)
+    r = y - mu
+    w2 = w * w
+    w3 = w2 * w
+    sw2, sw3 = w2.sum(axis=0), w3.sum(axis=0)
+    s2r2 = (w2 * r * r).sum(axis=0)
+    s3r2 = (w3 * r * r).sum(axis=0)
+    s2r = (w2 * r).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        du = -2.0 * s3r2 + 2.0 * s2r**2 / sw + sw2
         if reml:
-            sw3 = (w2 * w).sum(axis=0)
-            tr_p = sw - sw2 / sw
-            tr_pp = sw2 - 2.0 * sw3 / sw + (sw2 / sw) ** 2
-            step = (score - tr_p) / tr_pp
+            u = s2r2 - sw + sw2 / sw
+            du = du - 2.0 * sw3 / sw + (sw2 / sw) ** 2
         else:
-            step = (score - sw) / sw2
-        new = np.maximum(t + step, 0.0)
-        done = np.abs(new - t) <= tol * (1.0 + new)
-        tau2[idx] = new
-        idx = idx[~done]
+            u = s2r2 - sw
+    return u, du
+
+
+def _neg2ll(y, v, m, t, reml: bool):
+    """-2 (restricted) log-likelihood of the random-effects model, up to a constant.
+
+    ``sum w (y - mu)^2`` is expanded as ``sum w y^2 - (sum w y)^2 / sum w`` (fewer passes over
+    the data); callers centre ``y`` per feature first so that no precision is lost.
+    """
+    s = v + t
+    w = m / s
+    logv = np.log(s)
+    wy = w * y
+    sw, swy = w.sum(axis=0), wy.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (logv if np.ndim(m) == 0 else m * logv).sum(axis=0) + (wy * y).sum(axis=0)
+        out = out - swy**2 / sw
+        return out + np.log(sw) if reml else out
+
+
+def _tau2_likelihood(y, v, m, k, reml: bool, tol: float, maxiter: int):
+    """(Restricted) maximum likelihood: global maximiser of the likelihood on tau^2 >= 0.
+
+    A grid over ``[0, upper]`` (0 and 20 log-spaced points; the score is negative beyond ``upper``)
+    locates the global maximum, which can be away from the one Fisher scoring started at the
+    Hedges estimate finds when the likelihood is bimodal; then the estimating equation of
+    Viechtbauer (2005, eqs. 9-12) is solved in the bracketing grid interval by safeguarded Newton
+    steps (Newton-Raphson inside a shrinking bracket, bisection when a step leaves it; Press et
+    al., Numerical Recipes ``rtsafe``). Quadratic convergence where Fisher scoring, metafor's
+    algorithm, is linear; the same root where the likelihood is unimodal (dat.bcg). Only
+    features that have not converged are updated.
+    """
+    p = y.shape[1]
+    tau2 = np.zeros(p)
+    idx = np.flatnonzero(k > 1)
+    if idx.size == 0:
+        return tau2
+    ya, va, ma, ka = y[:, idx], v[:, idx], _col(m, idx), k[idx]
+    ya = ya - (ma * ya).sum(axis=0) / ka  # centred: tau^2 does not depend on a shift
+    ya = ya * ma
+    # Upper end: the score is negative for large tau^2; double until it is.
+    ybar = (ma * ya).sum(axis=0) / ka
+    top = np.maximum(2.0 * (ma * (ya - ybar) ** 2).sum(axis=0) / np.maximum(ka - 1, 1), 1e-8)
+    for _ in range(200):
+        u_top, _ = _score(ya, va, ma, top, reml)
+        if not (u_top > 0).any():
+            break
+        top = np.where(u_top > 0, 2.0 * top, top)
+    fractions = np.concatenate([[0.0], np.logspace(-4, 0, 20)])
+    ll = np.stack([_neg2ll(ya, va, ma, f * top, reml) for f in fractions])
+    best = np.argmin(np.where(np.isfinite(ll), ll, np.inf), axis=0)
+    lo = fractions[np.maximum(best - 1, 0)] * top
+    hi = fractions[np.minimum(best + 1, fractions.size - 1)] * top
+    t = fractions[best] * top
+    u0, _ = _score(ya, va, ma, 0.0, reml)
+    sub = np.flatnonzero(~((best == 0) & (u0 <= 0)))  # else the maximum is at tau^2 = 0
+    t[~np.isin(np.arange(idx.size), sub)] = 0.0
+    t[sub] = np.where(best[sub] == 0, 0.5 * hi[sub], t[sub])
+    for _ in range(maxiter):
+        if sub.size == 0:
+            break
+        u, du = _score(ya[:, sub], va[:, sub], _col(ma, sub), t[sub], reml)
+        pos = u > 0
+        lo[sub] = np.where(pos, t[sub], lo[sub])
+        hi[sub] = np.where(pos, hi[sub], t[sub])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            newton = t[sub] - u / du
+        ok = (du < 0) & (newton >= lo[sub]) & (newton <= hi[sub])
+        new = np.where(ok, newton, 0.5 * (lo[sub] + hi[sub]))
+        new = np.where(u == 0, t[sub], new)
+        done = (np.abs(new - t[sub]) <= tol * (1.0 + new)) | (
+            hi[sub] - lo[sub] <= tol * (1.0 + new)
+        )
+        t[sub] = new
+        sub = sub[~done]
+    # the boundary tau^2 = 0 wins where its likelihood is higher (a maximum at the boundary)
+    at0 = _neg2ll(ya, va, ma, 0.0, reml) <= _neg2ll(ya, va, ma, t, reml)
+    tau2[idx] = np.where(at0, 0.0, t)
     return tau2
 
 
@@ -392,7 +469,7 @@ def pool(
         if neg.any():
             site, feat = np.argwhere(neg)[0]
             raise HarmonizationError(f"negative weight at site index {site}, feature {feat}")
-    m = m_bool.astype(float)
+    m = 1.0 if m_bool.all() else m_bool.astype(float)
     y = np.where(m_bool, y, 0.0)
     v = np.where(m_bool, v, 1.0)
     k = m_bool.sum(axis=0)

@@ -8,6 +8,7 @@ meta-analysis (Jahanshad et al. 2013, NeuroImage 81:455; Kelly et al. 2018, Mol 
 >>> eff = meta.site_effects(table, site="site", effect="dx", covariates=["age", "sex"])
 >>> res = meta.pool(yi, vi, method="REML")            # (k,) or (k, p) arrays
 >>> pooled = meta.meta_analyze(table, effect="dx", covariates=["age", "sex"])
+>>> fig = meta.forest(eff, "FA_GCC", method="REML", path="forest_GCC.png")
 
 Every tau^2 estimator (FE, DL, HE, SJ, PM, ML, REML) runs on all features at once and reproduces
 metafor (Viechtbauer 2010) on its ``dat.bcg`` example.
@@ -16,12 +17,15 @@ metafor (Viechtbauer 2010) on its ``dat.bcg`` example.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from ..errors import HarmonizationError
+from ._forest import forest_plot, save_figure_atomic
 from ._meta_effects import d_from_t, hedges_j, site_effects
 from ._meta_pool import TAU2_METHODS, PoolResult, fdr, pool, tau2_estimate
 
@@ -31,6 +35,10 @@ __all__ = [
     "d_from_t",
     "effects_to_arrays",
     "fdr",
+    "forest",
+    "forest_plot",
+    "forest_plots",
+    "save_figure_atomic",
     "hedges_j",
     "meta_analyze",
     "pool",
@@ -110,3 +118,50 @@ def meta_analyze(
     if return_effects:
         return out, effects
     return out
+
+
+def forest(
+    effects: pd.DataFrame,
+    feature: Any,
+    method: str = "REML",
+    knha: bool = False,
+    level: float = 0.95,
+    path: str | Path | None = None,
+    title: str | None = None,
+) -> Any:
+    """Forest plot of one feature from a :func:`site_effects` table, pooled by ``method``.
+
+    Returns the matplotlib Figure; with ``path`` (.png/.svg/.pdf) it is also written atomically.
+    """
+    for c in ("feature", "site", "yi", "vi"):
+        if c not in effects.columns:
+            raise HarmonizationError(f"column {c!r} not found in the effects table")
+    rows = effects[effects["feature"] == feature]
+    if rows.empty:
+        raise HarmonizationError(f"feature {feature!r} not found in the effects table")
+    yi, vi = rows["yi"].to_numpy(dtype=float), rows["vi"].to_numpy(dtype=float)
+    res = pool(yi, vi, method=method, knha=knha, level=level)
+    measure = str(rows["measure"].iloc[0]) if "measure" in rows.columns else "effect size"
+    return forest_plot(
+        yi, vi, rows["site"].tolist(), pooled=res, title=title or str(feature),
+        xlabel=measure, level=level, path=path,
+    )
+
+
+def forest_plots(
+    effects: pd.DataFrame,
+    out_dir: str | Path,
+    features: Sequence[Any] | None = None,
+    method: str = "REML",
+    fmt: str = "png",
+) -> list[Path]:
+    """One forest plot per feature, written as ``<out_dir>/forest_<feature>.<fmt>``."""
+    out_dir = Path(out_dir)
+    feats = list(pd.unique(effects["feature"])) if features is None else list(features)
+    paths = []
+    for f in tqdm(feats, desc="forest plots", disable=len(feats) < 20):
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(f))
+        path = out_dir / f"forest_{safe}.{fmt}"
+        forest(effects, f, method=method, path=path)
+        paths.append(path)
+    return paths
