@@ -84,6 +84,7 @@ def evaluate_harmonizer(
     subject: str = "subject",
     site_term: bool = False,
     before_folds: Sequence[float] | None = None,
+    model_covariates: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Score one harmonizer (or effect estimator) on a multi-site table.
 
@@ -122,6 +123,11 @@ def evaluate_harmonizer(
         one runs on harmonized data).
     before_folds : sequence of float, optional
         Raw-data site-prediction fold scores already computed with the same settings.
+    model_covariates : sequence of str, optional
+        Terms of the analysis model (effect estimation, residualisation before site
+        prediction), if not ``covariates``: e.g. ``["age", "age2", "sex", "dx"]`` when age acts
+        nonlinearly, so that a misspecified analysis model does not pass for a harmonizer
+        failure. The harmonizer is still given ``covariates`` only.
 
     Returns
     -------
@@ -135,9 +141,10 @@ def evaluate_harmonizer(
     ``(estimate - truth) / |truth|`` for the effect metrics, NaN elsewhere.
     """
     covariates = list(covariates)
-    features = _resolve(table, features, site, covariates, effect, subject, truth)
+    analysis = covariates if model_covariates is None else list(model_covariates)
+    features = _resolve(table, features, site, [*covariates, *analysis], effect, subject, truth)
     table = table.reset_index(drop=True)
-    model_cov = [c for c in covariates if c != effect]
+    model_cov = [c for c in analysis if c != effect]
     effect_site = site if site_term else None
 
     if isinstance(harmonizer, EffectEstimator):
@@ -148,7 +155,7 @@ def evaluate_harmonizer(
     sp = site_prediction(table, features, harmonizer, site=site, covariates=covariates,
                          n_splits=n_splits, seed=seed, classifier=classifier,
                          residualize=residualize, n_permutations=n_permutations,
-                         before_folds=before_folds)
+                         before_folds=before_folds, residualize_covariates=analysis)
     parts.append(pd.DataFrame({"metric": ["site_balanced_accuracy"], "feature": ["ALL"],
                                "before": [sp.before], "after": [sp.after],
                                "truth": [sp.chance]}))

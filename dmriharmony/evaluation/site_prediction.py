@@ -159,6 +159,7 @@ def site_prediction(
     n_permutations: int = 0,
     leaky: bool = True,
     before_folds: Sequence[float] | None = None,
+    residualize_covariates: Sequence[str] | None = None,
 ) -> SitePredictionResult:
     """Predict site from features by stratified K-fold CV, before and after harmonization.
 
@@ -192,6 +193,9 @@ def site_prediction(
     before_folds : sequence of float, optional
         Raw-data scores of the same folds computed earlier with the same arguments (a
         comparison of several harmonizers scores the raw data once); not recomputed.
+    residualize_covariates : sequence of str, optional
+        Columns regressed out before classification, if not ``covariates`` (e.g. with an
+        ``age^2`` column when age acts nonlinearly, which the harmonizer is not given).
 
     Returns
     -------
@@ -199,7 +203,8 @@ def site_prediction(
     """
     features = list(features)
     covariates = list(covariates)
-    check_columns(table, [site, *covariates])
+    resid_cov = covariates if residualize_covariates is None else list(residualize_covariates)
+    check_columns(table, [site, *covariates, *resid_cov])
     table = table.reset_index(drop=True)
     y = table[site].astype(str).to_numpy()
     counts = pd.Series(y).value_counts()
@@ -214,7 +219,7 @@ def site_prediction(
                        counts.idxmin(), counts.min(), k, n_splits)
     X = feature_matrix(table, features)
     # Encode covariates once on the whole table so that every fold has the same columns.
-    C = covariate_design(table, covariates)[0] if (residualize and covariates) else None
+    C = covariate_design(table, resid_cov)[0] if (residualize and resid_cov) else None
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     folds = list(skf.split(X, y))
 
