@@ -9,9 +9,9 @@ Avants et al., Med. Image Anal. 12:26-41, 2008, for SyN):
 3. symmetric diffeomorphic normalisation (SyN) with a local cross-correlation metric.
 
 Speed choices (see ``benchmarks/results/tbss.md``): the affine stages stop at half resolution by
-default (``factors`` 4, 2: the 1-voxel accuracy is left to SyN), MI is computed densely inside the
-template brain mask (DIPY cannot mask a sampled MI; a seeded ``sampling_proportion`` is available
-without the mask) and SyN runs fewer iterations at the finer levels.
+default (``factors`` 4, 2: the 1-voxel accuracy is left to SyN), MI is computed densely
+(optionally restricted to the template mask; a seeded ``sampling_proportion`` is available) and
+SyN runs fewer iterations at the finer levels.
 
 Transforms are saved per run: the affine as a 4x4 text matrix (DIPY's convention: maps template
 world coordinates to subject world coordinates) and the SyN map as ``.npz`` (forward and
@@ -53,6 +53,9 @@ class RegistrationConfig:
         Cross-correlation window radius (voxels) and the gradient smoothing of SyN.
     seed
         Seed of MI voxel sampling (DIPY draws samples with numpy's global generator).
+    mask_metric
+        Restrict the affine MI to the template brain mask (slower; FA templates are already
+        zero outside the brain, so off by default).
     """
 
     affine_iters: list[int] = field(default_factory=lambda: [200, 100])
@@ -64,6 +67,7 @@ class RegistrationConfig:
     cc_radius: int = 4
     cc_sigma_diff: float = 2.0
     seed: int = 0
+    mask_metric: bool = False
 
     def __post_init__(self) -> None:
         if not (len(self.affine_iters) == len(self.affine_factors) == len(self.affine_sigmas)):
@@ -133,7 +137,9 @@ class Registration:
                 "domain_grid2world": m.domain_grid2world,
                 "codomain_shape": np.asarray(m.codomain_shape),
                 "codomain_grid2world": m.codomain_grid2world,
-                "prealign": m.prealign, "static_affine": self.static_affine,
+                "prealign": np.eye(4) if m.prealign is None else m.prealign,
+                "is_inverse": np.asarray(bool(m.is_inverse)),
+                "static_affine": self.static_affine,
                 "moving_affine": self.moving_affine, "affine": self.affine,
             }
 
@@ -174,7 +180,7 @@ class Registration:
                                  prealign=z["prealign"])
             m.forward = np.ascontiguousarray(z["forward"], dtype=np.float32)
             m.backward = np.ascontiguousarray(z["backward"], dtype=np.float32)
-            m.is_inverse = False
+            m.is_inverse = bool(z["is_inverse"]) if "is_inverse" in z else False
             return cls(affine, tuple(int(s) for s in z["domain_shape"]), z["static_affine"],
                        tuple(int(s) for s in z["codomain_shape"]), z["moving_affine"], syn=m)
         if static_img is None or moving_img is None:
@@ -243,7 +249,7 @@ def register_to_template(
                              sigmas=list(cfg.affine_sigmas), factors=list(cfg.affine_factors),
                              verbosity=0)
     mask = None
-    if static_mask is not None and cfg.sampling_proportion is None:
+    if static_mask is not None and cfg.mask_metric and cfg.sampling_proportion is None:
         mask = (np.asarray(static_mask) != 0).astype(np.int32)
     for name, transform in (("translation", TranslationTransform3D()),
                             ("rigid", RigidTransform3D()), ("affine", AffineTransform3D())):
