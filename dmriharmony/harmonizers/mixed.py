@@ -200,9 +200,9 @@ def _fit_block(
 
     lower = np.array([0.0, -np.inf, 0.0])
     x0 = np.column_stack([np.maximum(th1, 0.05), np.zeros(p), np.full(p, 0.1)])
-    x, f, _ = nelder_mead(f3, x0, np.array([0.25, 0.25, 0.25]), lower, ftol=1e-8, xtol=1e-6)
-    step = 0.05 * (np.abs(x) + 0.05)
-    x2, f2, conv = nelder_mead(f3, x, step, lower)
+    x, f, _ = nelder_mead(f3, x0, np.array([0.25, 0.25, 0.25]), lower, ftol=1e-5, xtol=1e-3)
+    step = 0.02 * (np.abs(x) + 0.05)
+    x2, f2, conv = nelder_mead(f3, x, step, lower, ftol=1e-10, xtol=1e-7)
     better = f2 <= f
     x = np.where(better[:, None], x2, x)
     f = np.where(better, f2, f)
@@ -339,7 +339,7 @@ def fit(
         st = site_stats(x, z, ys[:, blk], codes, n_sites, mask)
         th, dv, cv = _fit_block(st, reml, r)
         lam = th.reshape(-1, 1, 1) if r == 1 else lambda_from_theta(th, 2)
-        prof = profile(st, lam, reml)
+        prof = profile(st, lam, reml, want_k=True)
         dof = st.nobs - q if reml else st.nobs
         s2 = prof.rss / dof
         with np.errstate(invalid="ignore"):
