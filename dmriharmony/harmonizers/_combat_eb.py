@@ -21,6 +21,7 @@ __all__ = ["gamma_prior", "delta_prior", "parametric_eb", "mean_only_eb", "nonpa
 log = logging.getLogger(__name__)
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
+_TORCH_MIN_PAIRS = 10_000**2
 
 
 def gamma_prior(gamma_hat: np.ndarray) -> tuple[float, float]:
@@ -167,7 +168,8 @@ def nonparametric_eb(
     tol : float
         Relative weight below which a block is skipped.
     engine : {"auto", "torch", "numpy"}
-        Array library for the pair loop ("auto": torch when importable, multithreaded).
+        Array library for the pair loop ("auto": torch, multithreaded, when importable and
+        there are more than 10,000 features; numpy otherwise).
 
     Returns
     -------
@@ -175,8 +177,13 @@ def nonparametric_eb(
     """
     F = gamma_hat.shape[0]
     if F < 2:
-        raise HarmonizationError("non-parametric empirical Bayes needs at least 2 adjustable features")
-    torch = _torch() if engine in ("auto", "torch") else None
+        raise HarmonizationError(
+            "non-parametric empirical Bayes needs at least 2 adjustable features"
+        )
+    # torch's multithreaded exp pays off once the pair loop is large (its import and thread-pool
+    # start cost ~3 s); below that numpy is faster
+    use_torch = engine == "torch" or (engine == "auto" and F * F >= _TORCH_MIN_PAIRS)
+    torch = _torch() if use_torch else None
     if engine == "torch" and torch is None:
         raise HarmonizationError("engine='torch' requested but torch is not installed")
 
@@ -205,8 +212,13 @@ def nonparametric_eb(
     d_min_b = np.minimum.reduceat(d, b_lo)
     d_max_b = np.maximum.reduceat(d, b_lo)
 
+    # the row shift enters the product as a 4th term:
+    # log w - shift = [n, S, T, -shift] @ [a; B; C; 1]
+    coef_i4 = np.column_stack([coef_i, -shift])
+    coef_l4 = np.vstack([coef_l, np.ones(F)])
     if torch is not None:
-        t_coef_l = torch.from_numpy(np.ascontiguousarray(coef_l))
+        t_coef_i4 = torch.from_numpy(np.ascontiguousarray(coef_i4))
+        t_coef_l4 = torch.from_numpy(np.ascontiguousarray(coef_l4))
         t_vals = torch.from_numpy(np.ascontiguousarray(vals))
 
     acc_all = np.zeros((F, 3))
@@ -232,16 +244,14 @@ def nonparametric_eb(
             l0, l1 = int(b_lo[bi]), int(b_hi[bi])
             lo, hi = max(i0, l0), min(i1, l1)
             if torch is not None:
-                logw = torch.from_numpy(coef_i[i0:i1]) @ t_coef_l[:, l0:l1]
-                logw -= torch.from_numpy(sh_c)[:, None]
+                logw = t_coef_i4[i0:i1] @ t_coef_l4[:, l0:l1]
                 if lo < hi:  # exclude l == i (sva's g.hat[-i])
                     idx = torch.arange(lo, hi)
                     logw[idx - i0, idx - l0] = -float("inf")
                 torch.exp_(logw)
                 acc += (logw @ t_vals[l0:l1]).numpy()
             else:
-                logw = coef_i[i0:i1] @ coef_l[:, l0:l1]
-                logw -= sh_c[:, None]
+                logw = coef_i4[i0:i1] @ coef_l4[:, l0:l1]
                 if lo < hi:
                     idx = np.arange(lo, hi)
                     logw[idx - i0, idx - l0] = -np.inf

@@ -134,15 +134,17 @@ class CovBat:
         else:
             scale = np.ones(resid.shape[1])
         Z = (resid - center) / scale
-        _, s, Vt = np.linalg.svd(Z, full_matrices=False)
-        ratio = s**2 / np.sum(s**2)
+        eigval, basis, dual = _pca(Z)
+        ratio = eigval / np.sum(eigval)
         if self.n_pc is not None:
             npc = int(self.n_pc)
-            if not 1 <= npc <= s.shape[0]:
-                raise HarmonizationError(f"n_pc must be between 1 and {s.shape[0]}, got {npc}")
+            if not 1 <= npc <= eigval.shape[0]:
+                raise HarmonizationError(
+                    f"n_pc must be between 1 and {eigval.shape[0]}, got {npc}"
+                )
         else:
             npc = int(np.argmax(np.cumsum(ratio) > float(self.percent_var) - 1e-12)) + 1
-        V = Vt[:npc]
+        V = _loadings(Z, eigval, basis, dual, npc)
         scores = Z @ V.T
         labels = as_site_labels(sites, Xa.shape[0])
         self.score_combat_ = ComBat(
@@ -219,6 +221,41 @@ class CovBat:
 
     def __repr__(self) -> str:
         return "CovBat(" + ", ".join(f"{k}={v!r}" for k, v in self._params().items()) + ")"
+
+
+def _pca(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Eigenvalues (descending) of the centred data's Gram matrix, by the smaller side.
+
+    With ``n <= p`` the ``n x n`` matrix ``Z Z'`` is decomposed (cost ``n^2 p`` in one matrix
+    product, instead of an SVD of the ``n x p`` matrix) and ``dual`` is True; otherwise the
+    ``p x p`` matrix ``Z'Z``. The squared singular values of ``Z`` are the eigenvalues.
+    """
+    n, p = Z.shape
+    dual = n <= p
+    G = Z @ Z.T if dual else Z.T @ Z
+    w, U = np.linalg.eigh(G)
+    order = np.argsort(w)[::-1]
+    return np.clip(w[order], 0.0, None), U[:, order], dual
+
+
+def _loadings(
+    Z: np.ndarray, eigval: np.ndarray, basis: np.ndarray, dual: bool, k: int
+) -> np.ndarray:
+    """First ``k`` principal axes (rows, orthonormal): ``V_k = Z' u_k / s_k`` in the dual case.
+
+    Components with singular value below 1e-6 of the largest are numerically null (the
+    centred residuals have rank at most n - 1) and cannot be requested.
+    """
+    sv = np.sqrt(eigval)
+    rank = int(np.sum(sv > 1e-6 * sv[0]))
+    if k > rank:
+        raise HarmonizationError(
+            f"CovBat: {k} principal components requested but the residuals have numerical rank"
+            f" {rank}; lower n_pc or percent_var"
+        )
+    if not dual:
+        return basis[:, :k].T.copy()
+    return ((Z.T @ basis[:, :k]) / sv[:k]).T
 
 
 def _check_complete(Xa: np.ndarray, X: Any) -> None:
