@@ -5,7 +5,10 @@ Every voxel of the phantom is a mixture of compartments (Panagiotaki et al., Neu
 
 * white matter, per fibre population: an intra-axonal *thin zeppelin* (axially symmetric tensor
   with a very small perpendicular diffusivity; a stick when it is 0) and an extra-axonal
-  zeppelin (hindered diffusion, larger perpendicular diffusivity);
+  zeppelin (hindered diffusion, larger perpendicular diffusivity), both dispersed over a cone of
+  three directions at polar angle ``dispersion`` around the bundle direction (orientation
+  dispersion, Zhang et al. NeuroImage 2012), plus a small slowly diffusing isotropic pool
+  (``f_dot``, restricted water in cell bodies; Alexander et al. NeuroImage 2010, Panagiotaki 2012);
 * grey matter: two isotropic Gaussian pools (fast/slow), which give GM its kurtosis;
 * CSF: free water, isotropic, D = 3.0e-3 mm^2/s (37 degrees C).
 
@@ -48,17 +51,29 @@ class FibreParams:
         Intra-axonal signal fraction at TE -> 0 (proton-density weighted).
     d_intra_par, d_intra_perp : float
         Intra-axonal axial / radial diffusivity.
-    d_extra_par, d_extra_perp : float
-        Extra-axonal axial / radial diffusivity.
+    d_extra_par : float
+        Extra-axonal axial diffusivity.
+    d_extra_perp : float
+        Extra-axonal radial diffusivity.
+    dispersion : float
+        Polar angle (radians) of the three-direction cone the fibres are spread over.
+    f_dot : float
+        Fraction of the WM volume in the slow isotropic pool (diffusivity ``d_dot``).
+    d_dot : float
+        Diffusivity of that pool.
     """
 
     f_intra: float
-    d_intra_par: float = 1.9e-3
-    d_intra_perp: float = 0.10e-3
-    d_extra_par: float = 1.5e-3
+    d_intra_par: float = 2.0e-3
+    d_intra_perp: float = 0.0
+    d_extra_par: float = 1.7e-3
     d_extra_perp: float = 0.55e-3
+    dispersion: float = 0.35
+    f_dot: float = 0.04
+    d_dot: float = 0.08e-3
 
     def to_dict(self) -> dict:
+        """Parameters as a plain dict (for the ground-truth JSON)."""
         return asdict(self)
 
     def adjusted(self, d_f_intra: float = 0.0, d_extra_perp: float = 0.0) -> FibreParams:
