@@ -198,3 +198,11 @@ def test_missing_column_is_named(tables, tmp_path):
     node = ComBatHarmonize(in_file=tables["roi"], covariates=["age"])
     with pytest.raises(HarmonizationError, match="column 'age' not found"):
         node.run(cwd=str(tmp_path))
+
+
+def test_output_names_are_bids_desc_labels(tables, tmp_path):
+    out = _run(ComBatGAMHarmonize(), tmp_path, "gam_names", in_file=tables["full"],
+               covariates=COV, smooth=["age"])
+    assert os.path.basename(out.out_file) == "roi_table_desc-combatgam.tsv"
+    assert os.path.basename(out.model_file) == "model_desc-combatgam.npz"
+    assert os.path.basename(out.site_effects_file) == "site_effects_desc-combatgam.tsv"

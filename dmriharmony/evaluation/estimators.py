@@ -66,8 +66,8 @@ def meta_analysis(method: str = "REML", measure: str = "d") -> EffectEstimator:
         from dmriharmony.harmonizers import meta
 
         cov = [c for c in covariates if c != effect]
-        eff = meta.site_effects(table[[site, effect, *cov, *features]], site=site,
-                                effect=effect, covariates=cov, measure=measure)
+        eff = meta.site_effects(table, site=site, effect=effect, covariates=cov,
+                                measure=measure, features=list(features))
         yi, vi = _per_site_matrix(eff, features, site)
         res = meta.pool(yi, vi, method=method)
         est = res["estimate"] if isinstance(res, dict | pd.DataFrame) else res.estimate

@@ -132,6 +132,12 @@ def _harmonizer_class(kind: str) -> type:
     return getattr(harmonizers, HARMONIZERS[kind])
 
 
+def _desc(kind: str) -> str:
+    """BIDS ``desc-`` label of a harmonizer family (alphanumeric only: ``combat_gam`` ->
+    ``combatgam``)."""
+    return "".join(ch for ch in kind if ch.isalnum())
+
+
 def _opt(value: Any, default: Any = None) -> Any:
     return value if isdefined(value) else default
 
@@ -229,18 +235,18 @@ class _HarmonizeBase(SimpleInterface):
         out = _read_tsv(inp.in_file, "table")
         out[features] = Xh
         cwd = Path(runtime.cwd)
-        self._results["out_file"] = write_tsv(out, cwd / f"roi_table_desc-{self.kind}.tsv")
-        model_path = cwd / f"{self.kind}_model{getattr(cls, 'file_suffix', '.npz')}"
+        self._results["out_file"] = write_tsv(out, cwd / f"roi_table_desc-{_desc(self.kind)}.tsv")
+        model_path = cwd / f"model_desc-{_desc(self.kind)}{getattr(cls, 'file_suffix', '.npz')}"
         model.save(model_path)
         self._results["model_file"] = str(model_path)
         after = table.copy()
         after[features] = Xh
         eff = _effects_table(table, after, features, inp.effect, covariates)
-        self._results["effects_file"] = write_tsv(eff, cwd / f"effects_desc-{self.kind}.tsv")
+        self._results["effects_file"] = write_tsv(eff, cwd / f"effects_desc-{_desc(self.kind)}.tsv")
         site_eff = _site_effects_table(model, features)
         if site_eff is not None:
             self._results["site_effects_file"] = write_tsv(
-                site_eff, cwd / f"site_effects_desc-{self.kind}.tsv")
+                site_eff, cwd / f"site_effects_desc-{_desc(self.kind)}.tsv")
         return runtime
 
 
@@ -325,7 +331,7 @@ class ApplyHarmonizer(SimpleInterface):
         out = _read_tsv(inp.in_file, "table")
         out[features] = np.asarray(Xh, dtype=float)
         self._results["out_file"] = write_tsv(
-            out, Path(runtime.cwd) / f"roi_table_desc-{inp.harmonizer}.tsv")
+            out, Path(runtime.cwd) / f"roi_table_desc-{_desc(inp.harmonizer)}.tsv")
         return runtime
 
 
