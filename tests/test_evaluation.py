@@ -393,6 +393,16 @@ def test_bad_harmonizer_spec_and_wrong_shape(sim):
 
     with pytest.raises(HarmonizationError, match="returned shape"):
         evaluate_harmonizer(Bad, table, truth=truth, n_splits=2)
+
+    class Nan(NoHarmonization):
+        def transform(self, X, s, c=None):
+            out = super().transform(X, s, c)
+            out[:3, 2] = np.nan
+            return out
+
+    with pytest.raises(HarmonizationError, match=f"NaN for 3 observed values of feature "
+                                                 f"'{truth['features'][2]}'"):
+        evaluate_harmonizer(Nan, table, truth=truth, n_splits=2)
     with pytest.raises(HarmonizationError, match="cannot make a harmonizer"):
         evaluate_harmonizer(42, table, truth=truth, n_splits=2)
     with pytest.raises(HarmonizationError, match="column 'diagnosis'"):

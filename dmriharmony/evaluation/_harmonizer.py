@@ -75,6 +75,12 @@ def fit_transform(
         if Xh.shape != (len(df), len(features)):
             raise HarmonizationError(f"{type(h).__name__}.transform returned shape {Xh.shape}, "
                                      f"expected {(len(df), len(features))}")
+        new_nan = np.isnan(Xh) & ~np.isnan(parts(df)[0].to_numpy(dtype=float))
+        if new_nan.any():
+            j = int(np.flatnonzero(new_nan.any(axis=0))[0])
+            raise HarmonizationError(f"{type(h).__name__}.transform returned NaN for "
+                                     f"{int(new_nan[:, j].sum())} observed values of feature "
+                                     f"{features[j]!r}")
         out.append(Xh)
     return h, out
 
