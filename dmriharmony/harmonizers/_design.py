@@ -294,7 +294,8 @@ class CovariateEncoder:
                 for lev in levels[1:]:
                     cols.append((values == lev).astype(float)[:, None])
             elif kind == "smooth":
-                cols.append(natural_cubic_basis(_numeric(series, name), np.array(self.knots_[name])))
+                knots = np.array(self.knots_[name])
+                cols.append(natural_cubic_basis(_numeric(series, name), knots))
             else:
                 cols.append(_numeric(series, name)[:, None])
         return np.hstack(cols)
@@ -315,7 +316,12 @@ class CovariateEncoder:
                 f"covariates has {covariates.shape[0]} rows but the data have {n} rows"
             )
         names = [str(c) for c in covariates.columns]
-        needed = self.columns_ if fitted else names
+        if fitted:
+            needed = self.columns_
+        elif self.categorical is not None or self.continuous is not None:
+            needed = list(self.categorical or []) + list(self.continuous or []) + list(self.smooth)
+        else:
+            needed = names
         for name in needed:
             if name not in names:
                 raise HarmonizationError(f"covariate column {name!r} missing from covariates")

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.linalg import solve_triangular
 
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.harmonizers import _combat_eb as ebm
@@ -92,7 +93,7 @@ def as_feature_matrix(X: Any, *, what: str = "X") -> tuple[np.ndarray, list[str]
         arr = X.to_numpy(dtype=float, na_value=np.nan)
     else:
         try:
-            arr = np.array(X, dtype=float)
+            arr = np.asarray(X, dtype=float)  # no copy: X is never modified
         except (TypeError, ValueError) as exc:
             raise HarmonizationError(f"{what} is not a numeric array ({exc})") from exc
     if arr.ndim != 2:
@@ -186,7 +187,7 @@ class ComBat:
 
     def _fit_location(self, design: np.ndarray, Y: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Coefficients ``B`` (m, f) of ``Y ~ design`` (OLS); ``Y`` holds features ``cols``."""
-        return np.linalg.lstsq(design, Y, rcond=None)[0]
+        return _ols(design, Y)
 
     def _params(self) -> dict[str, Any]:
         return {
@@ -297,18 +298,19 @@ class ComBat:
         self.mean_only_ = mean_only
 
         finite = np.isfinite(X)
-        adjustable = _adjustable_features(X, finite, codes, counts, mean_only)
+        site_rows = [np.flatnonzero(codes == i) for i in range(k)]
+        adjustable = _adjustable_features(X, finite, site_rows, counts, mean_only)
         D = np.hstack([site_block, C])
         B, estimable = _regress(D, X, finite, adjustable, self._fit_location)
         adjustable &= estimable
 
+        # residuals of the location model, in one n x p buffer (reused for the standardised data)
+        resid = D @ np.nan_to_num(B)
+        np.subtract(X, resid, out=resid)
+        has_nan = ~finite.all(axis=0)
         # pooled variance: mean squared residual (over the reference site with ref_site)
-        resid = X - D @ np.nan_to_num(B)
-        rows = codes == ref if ref is not None else np.ones(n, dtype=bool)
-        r = resid[rows]
-        var_pooled = _nanmean_sq(r, finite[rows])
+        var_pooled = _mean_square(resid, None if ref is None else site_rows[ref], finite, has_nan)
         adjustable &= np.isfinite(var_pooled) & (var_pooled > 0)
-        del r
         if not adjustable.any():
             raise HarmonizationError(
                 "no feature can be harmonized: every feature is constant within a site, missing"
@@ -325,29 +327,38 @@ class ComBat:
             )
 
         cols = np.flatnonzero(adjustable)
+        every = cols.shape[0] == p
         Bs = B[:k][:, cols]
         grand = Bs[ref] if ref is not None else (counts / n) @ Bs
         beta = B[k:][:, cols]
         vp = var_pooled[cols]
-        # standardised data z = (y - alpha - x'beta) / sigma
-        z = resid[:, cols]
+        # standardised data z = (y - alpha - x'beta) / sigma = (resid + site part - alpha) / sigma
+        z = resid if every else resid[:, cols]
         del resid
-        z += site_block @ Bs - grand
+        for i in range(k):
+            z[site_rows[i]] += site_block[site_rows[i][0]] @ Bs - grand
         z /= np.sqrt(vp)
-        fz = finite[:, cols]
+        nan_sub = has_nan[cols]
 
         f = cols.shape[0]
         n_obs = np.zeros((k, f))
         means = np.zeros((k, f))
         ss = np.zeros((k, f))
         for i in range(k):
-            zi = z[codes == i]
-            obs = fz[codes == i]
-            c = obs.sum(axis=0).astype(float)
-            zi = np.where(obs, zi, 0.0)
-            m = zi.sum(axis=0) / c
-            dev = np.where(obs, zi - m, 0.0)
-            n_obs[i], means[i], ss[i] = c, m, (dev * dev).sum(axis=0)
+            zi = z[site_rows[i]]
+            if not nan_sub.any():
+                c = np.full(f, float(site_rows[i].shape[0]))
+                m = zi.mean(axis=0)
+                zi -= m
+            else:
+                miss = ~finite[site_rows[i]][:, cols]
+                c = (~miss).sum(axis=0).astype(float)
+                zi[miss] = 0.0
+                m = zi.sum(axis=0) / c
+                zi -= m
+                zi[miss] = 0.0
+            n_obs[i], means[i], ss[i] = c, m, np.einsum("ij,ij->j", zi, zi)
+            del zi
         del z
         gamma_hat = means - means[ref] if ref is not None else means.copy()
         if ref is not None:
@@ -436,23 +447,30 @@ class ComBat:
         return self._wrap(X, self._apply(Xa, codes, C))
 
     def _apply(self, X: np.ndarray, codes: np.ndarray, C: np.ndarray) -> np.ndarray:
+        """``y* = (y - m) / sqrt(delta*) - gamma* sigma / sqrt(delta*) + m``, ``m = alpha + x'beta``
+        (the ComBat adjustment, Johnson et al. 2007 eq. 2.4, rearranged), site by site."""
         cols = np.flatnonzero(self.adjusted_)
+        every = cols.shape[0] == X.shape[1]
         out = X.copy()
         sd = np.sqrt(self.var_pooled_[cols])
-        mean = C @ self.beta_[:, cols]
-        mean += self.grand_mean_[cols]
+        beta = self.beta_[:, cols]
+        grand = self.grand_mean_[cols]
         for i in np.unique(codes):
             if i == self.ref_index_:
                 continue
             rows = np.flatnonzero(codes == i)
-            y = X[np.ix_(rows, cols)]
-            y -= mean[rows]
-            y /= sd
-            y -= self.gamma_star_[i, cols]
-            y /= np.sqrt(self.delta_star_[i, cols])
-            y *= sd
-            y += mean[rows]
-            out[np.ix_(rows, cols)] = y
+            y = X[rows] if every else X[np.ix_(rows, cols)]
+            mean = C[rows] @ beta
+            mean += grand
+            inv = 1.0 / np.sqrt(self.delta_star_[i, cols])
+            y -= mean
+            y *= inv
+            y -= self.gamma_star_[i, cols] * sd * inv
+            y += mean
+            if every:
+                out[rows] = y
+            else:
+                out[np.ix_(rows, cols)] = y
         return out
 
     @staticmethod
@@ -556,7 +574,11 @@ def _encode(
 
 
 def _adjustable_features(
-    X: np.ndarray, finite: np.ndarray, codes: np.ndarray, counts: np.ndarray, mean_only: bool
+    X: np.ndarray,
+    finite: np.ndarray,
+    site_rows: list[np.ndarray],
+    counts: np.ndarray,
+    mean_only: bool,
 ) -> np.ndarray:
     """Features ComBat can adjust, by sva's rule plus the missing-value cases.
 
@@ -565,17 +587,26 @@ def _adjustable_features(
     at a site (its site variance is undefined).
     """
     ok = np.ones(X.shape[1], dtype=bool)
-    for i in range(counts.shape[0]):
-        xi = X[codes == i]
-        obs = finite[codes == i]
+    for i, rows in enumerate(site_rows):
+        xi = X[rows]
+        obs = finite[rows]
         c = obs.sum(axis=0)
         ok &= c >= (1 if mean_only else 2)
         if counts[i] >= 2:
-            with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                const = np.nanmax(xi, axis=0) == np.nanmin(xi, axis=0)
+            if obs.all():
+                const = xi.max(axis=0) == xi.min(axis=0)
+            else:
+                with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    const = np.nanmax(xi, axis=0) == np.nanmin(xi, axis=0)
             ok &= ~(const & (c >= 2))
     return ok
+
+
+def _ols(D: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Least squares ``Y ~ D`` through the thin QR of ``D`` (no copy of ``Y``)."""
+    Q, R = np.linalg.qr(D)
+    return solve_triangular(R, Q.T @ Y)
 
 
 def _regress(
@@ -590,7 +621,10 @@ def _regress(
     B = np.full((m, p), np.nan)
     ok = np.zeros(p, dtype=bool)
     complete = use & finite.all(axis=0)
-    if complete.any():
+    if complete.all():
+        B[:] = fit_fn(D, X, np.arange(p))
+        ok[:] = True
+    elif complete.any():
         B[:, complete] = fit_fn(D, X[:, complete], np.flatnonzero(complete))
         ok[complete] = True
     partial = np.flatnonzero(use & ~complete)
@@ -607,9 +641,19 @@ def _regress(
     return B, ok
 
 
-def _nanmean_sq(r: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    """Mean of squares over observed entries, per column."""
-    rz = np.where(obs, r, 0.0)
-    c = obs.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.einsum("ij,ij->j", rz, rz) / c
+def _mean_square(
+    r: np.ndarray, rows: np.ndarray | None, finite: np.ndarray, has_nan: np.ndarray
+) -> np.ndarray:
+    """Per-column mean of squares of ``r`` (restricted to ``rows``) over observed entries."""
+    if rows is not None:
+        r = r[rows]
+        finite = finite[rows]
+    out = np.einsum("ij,ij->j", r, r) / r.shape[0]
+    cols = np.flatnonzero(has_nan)
+    if cols.size:
+        sub = r[:, cols]
+        obs = finite[:, cols]
+        sub[~obs] = 0.0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[cols] = np.einsum("ij,ij->j", sub, sub) / obs.sum(axis=0)
+    return out

@@ -3,7 +3,7 @@
 ComBat removes site effects feature by feature; multivariate site effects remain in the
 covariance between features (e.g. between ROIs), which is what a classifier picks up. CovBat
 (Chen AA, Beer JC, Tustison NJ, Cook PA, Shinohara RT, Shou H; Human Brain Mapping 43(4):
-1217-1232, 2022), algorithm of its section 2.3 and of the authors' R function ``covbat``:
+1179-1195, 2022), algorithm of its section 2.3 and of the authors' R function ``covbat``:
 
 1. ComBat with the protected covariates; keep the harmonized residuals
    ``e*_ij = y*_ij - alpha - x_ij' beta`` (original scale);
