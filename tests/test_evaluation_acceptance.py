@@ -64,3 +64,20 @@ def test_failures_are_shown(summary):
 def test_effect_estimators_recover_dx(summary):
     for name in ("meta_analysis", "mixed_model"):
         assert abs(summary.loc[name, "dx_d_rel_err_after"]) <= 0.1, name
+
+
+@pytest.mark.slow
+def test_benchmark_script_smoke(tmp_path, repo_root):
+    """benchmarks/bench_evaluation.py --quick writes its markdown report."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_evaluation", repo_root / "benchmarks" / "bench_evaluation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "evaluation.md"
+    assert mod.main(["--quick", "--seeds", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    for name in ("| combat |", "| covbat |", "| combat_gam |", "| neuroCombat (peer) |",
+                 "| meta_analysis (REML) |", "| mixed_model (REML) |"):
+        assert name in text

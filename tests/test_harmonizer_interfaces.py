@@ -206,3 +206,12 @@ def test_output_names_are_bids_desc_labels(tables, tmp_path):
     assert os.path.basename(out.out_file) == "roi_table_desc-combatgam.tsv"
     assert os.path.basename(out.model_file) == "model_desc-combatgam.npz"
     assert os.path.basename(out.site_effects_file) == "site_effects_desc-combatgam.tsv"
+
+
+def test_apply_to_an_unseen_site_is_an_error_naming_it(tables, tmp_path):
+    out = _run(ComBatHarmonize(), tmp_path, "combat_fit", in_file=tables["full"], covariates=COV)
+    new = tmp_path / "new_site.tsv"
+    tables["table"].head(5).assign(site="siteZ").to_csv(new, sep="\t", index=False)
+    node = ApplyHarmonizer(in_file=str(new), covariates=COV, model_file=out.model_file)
+    with pytest.raises(HarmonizationError, match="siteZ"):
+        node.run(cwd=str(tmp_path))

@@ -9,6 +9,13 @@
 - :func:`~dmriharmony.evaluation.evaluate.evaluate_harmonizer` and
   :func:`~dmriharmony.evaluation.evaluate.compare_harmonizers`: all of it as one tidy table;
 - :mod:`~dmriharmony.evaluation.estimators`: meta-analysis and mixed model as effect estimators.
+
+>>> from dmriharmony.simulate.roi_table import simulate_roi_table
+>>> from dmriharmony.evaluation import compare_harmonizers, default_harmonizers, summarize
+>>> table, truth = simulate_roi_table(seed=0, dx_prop_range=(0.3, 0.7), n_traveling=10)
+>>> res = compare_harmonizers(default_harmonizers(), table, truth=truth,
+...                           traveling=truth["traveling"])          # doctest: +SKIP
+>>> summarize(res)                       # one row per harmonizer  # doctest: +SKIP
 """
 
 from __future__ import annotations
