@@ -102,7 +102,8 @@ def test_removes_site_effect_and_keeps_covariate_effect():
     m0, s0 = site_spread(X)
     m1, s1 = site_spread(Xh)
     assert m1 < 0.2 * m0 and s1 < 0.5 * s0
-    beta_before = np.linalg.lstsq(np.column_stack([design, np.eye(3)[code][:, 1:]]), X, rcond=None)[0]
+    full_design = np.column_stack([design, np.eye(3)[code][:, 1:]])
+    beta_before = np.linalg.lstsq(full_design, X, rcond=None)[0]
     beta_after = np.linalg.lstsq(design, Xh, rcond=None)[0]
     # the sex effect (0.5, scaled by the sites' average scale ~1.05) survives harmonization
     assert abs(beta_after[2].mean() - beta_before[2].mean()) < 0.1
@@ -143,7 +144,8 @@ def test_unseen_covariate_level_is_an_error():
 
 def test_dataframe_in_dataframe_out_and_feature_check():
     X, sites, cov = make_data(p=6)
-    df = pd.DataFrame(X, columns=[f"roi{j}" for j in range(6)], index=[f"s{j}" for j in range(len(X))])
+    df = pd.DataFrame(X, columns=[f"roi{j}" for j in range(6)],
+                      index=[f"s{j}" for j in range(len(X))])
     h = ComBat().fit(df, sites, cov)
     out = h.transform(df, sites, cov)
     assert isinstance(out, pd.DataFrame)
@@ -311,3 +313,15 @@ def test_parametric_stops_by_sva_rule():
     loose = ComBat(conv=0.5).fit(X, sites, cov)
     tight = ComBat().fit(X, sites, cov)
     assert np.abs(loose.delta_star_ - tight.delta_star_).max() > 1e-6
+
+
+def test_reference_site_with_missing_values_and_input_untouched():
+    X, sites, cov = make_data(p=12, seed=9)
+    X[np.random.default_rng(1).random(X.shape) < 0.03] = np.nan
+    before = X.copy()
+    out = ComBat(ref_site="A").fit_transform(X, sites, cov)
+    np.testing.assert_array_equal(X, before)  # the input array is never modified
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(X))
+    rows = sites == "A"
+    np.testing.assert_array_equal(out[rows], X[rows])
+    assert np.isfinite(out[~np.isnan(X)]).all()

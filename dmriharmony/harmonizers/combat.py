@@ -292,7 +292,7 @@ class ComBat:
                 warnings.warn(
                     f"site(s) {single} have a single subject: using the mean-only ComBat for all"
                     " sites (as sva::ComBat)",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             mean_only = True
         self.mean_only_ = mean_only
@@ -323,7 +323,7 @@ class ComBat:
             warnings.warn(
                 f"{n_skip} feature(s) left unadjusted (constant within a site, no observed value"
                 f" at a site, or not estimable), e.g. {shown}",
-                stacklevel=3,
+                stacklevel=4,
             )
 
         cols = np.flatnonzero(adjustable)
