@@ -2,4 +2,7 @@
 
 - :mod:`dmriharmony.interfaces.dti` -- brain mask, pre-processing, tensor fit
 - :mod:`dmriharmony.interfaces.bids` -- BIDS-derivatives writer
+- :mod:`dmriharmony.interfaces.tbss` -- registration, skeleton projection, ROI extraction
+- :mod:`dmriharmony.interfaces.harmonizers` -- ComBat/CovBat/ComBat-GAM harmonize and apply,
+  meta-analysis, mixed model
 """
