@@ -203,6 +203,7 @@ def register_to_template(
     static_affine: np.ndarray,
     config: RegistrationConfig | None = None,
     static_mask: np.ndarray | None = None,
+    stages: tuple[str, ...] = ("translation", "rigid", "affine"),
 ) -> Registration:
     """Register a subject's FA (moving) to a template FA (static).
 
@@ -214,7 +215,9 @@ def register_to_template(
         Template FA (fraction) and its affine.
     config : RegistrationConfig, optional
     static_mask : ndarray, optional
-        Template brain mask restricting the affine MI metric.
+        Template brain mask restricting the affine MI metric (with ``config.mask_metric``).
+    stages : tuple of str
+        Linear stages to run, in order (subset of translation, rigid, affine).
 
     Returns
     -------
@@ -251,8 +254,14 @@ def register_to_template(
     mask = None
     if static_mask is not None and cfg.mask_metric and cfg.sampling_proportion is None:
         mask = (np.asarray(static_mask) != 0).astype(np.int32)
-    for name, transform in (("translation", TranslationTransform3D()),
-                            ("rigid", RigidTransform3D()), ("affine", AffineTransform3D())):
+    known = {"translation": TranslationTransform3D, "rigid": RigidTransform3D,
+             "affine": AffineTransform3D}
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise TemplateError(f"registration: unknown stage(s) {unknown} (translation, rigid, "
+                            "affine)")
+    for name in stages:
+        transform = known[name]()
         t = time.perf_counter()
         if cfg.sampling_proportion is not None:
             # DIPY draws sparse MI samples from numpy's legacy global generator

@@ -6,9 +6,9 @@ Smith et al., NeuroImage 2006, "study-specific target"). Here:
 1. the reference space is a TemplateFlow template (default ``MNI152NLin6Asym``, the space of
    FSL's FMRIB58_FA and of ENIGMA's template) fetched with the real ``templateflow.api.get``
    from its cache ``TEMPLATEFLOW_HOME`` (Ciric et al., Nat. Methods 19:1568-1571, 2022);
-2. iteration 0 places every subject FA in that space by a *multimodal* affine registration to the
-   template's T1w (Mattes mutual information copes with the FA/T1w contrast difference, white
-   matter being bright in both) and averages;
+2. iteration 0 places every subject FA in that space by a *multimodal* rigid (optionally
+   affine) registration to the template's T1w (Mattes mutual information copes with the FA/T1w
+   contrast difference, white matter being bright in both) and averages;
 3. each further iteration registers every FA to the current mean FA (affine + SyN, cross-
    correlation) and averages again (group-wise template building by iterative averaging,
    Guimond et al., CVIU 77:192-210, 2000);
@@ -65,15 +65,19 @@ def fetch_templateflow(space: str = DEFAULT_SPACE, resolution: int | None = 2,
     what = f"TemplateFlow tpl-{space} res-{resolution} desc-{desc} {suffix}"
     hint = _prefetch_hint(space, resolution, suffix, desc)
     try:
+        # importing templateflow with an empty TEMPLATEFLOW_HOME already tries to download
         from templateflow import api
-    except ImportError as exc:
-        raise TemplateError(f"{what}: templateflow is not installed ({exc})") from exc
-    try:
+
         found = api.get(space, resolution=resolution, suffix=suffix, desc=desc,
                         extension=".nii.gz")
+    except ImportError as exc:
+        raise TemplateError(f"{what}: templateflow is not installed ({exc})") from exc
     except (OSError, RuntimeError, ValueError) as exc:  # requests' ConnectionError is an OSError
-        raise TemplateError(f"{what} could not be fetched ({type(exc).__name__}); {hint}") \
-            from exc
+        kind = type(exc).__name__
+        if kind != "ConnectionError" and any(c.__name__ == "ConnectionError"
+                                             for c in type(exc).__mro__):
+            kind = f"ConnectionError ({kind})"
+        raise TemplateError(f"{what} could not be fetched: {kind}; {hint}") from exc
     if isinstance(found, list):
         if not found:
             raise TemplateError(f"{what}: no such file in TemplateFlow; {hint}")
@@ -114,6 +118,7 @@ def build_study_template(
     config: RegistrationConfig | None = None,
     reference: tuple[ImageLike, ImageLike] | None = None,
     name: str = "study",
+    placement_stages: tuple[str, ...] = ("translation", "rigid"),
 ) -> Template:
     """Iteratively averaged study FA template in a TemplateFlow space.
 
@@ -133,11 +138,15 @@ def build_study_template(
     threshold : float
         Skeleton threshold (TBSS default 0.2).
     config : RegistrationConfig, optional
-        Registration parameters of the FA-to-mean iterations (the placement is affine only).
+        Registration parameters of the FA-to-mean iterations (the placement is linear only).
     reference : (T1w, brain mask), optional
         Use these images instead of fetching ``space`` from TemplateFlow.
     name : str
         Template label used in output names (``space-<name>``).
+    placement_stages : tuple of str
+        Linear stages of the multimodal placement (default rigid: the template keeps the
+        cohort's average size and shape, FSL's study-specific route; add ``"affine"`` to
+        scale it to the TemplateFlow brain).
 
     Returns
     -------
@@ -171,7 +180,8 @@ def build_study_template(
     means = []
     warped = []
     for data, aff in tqdm(subjects, desc="study template: placement in " + space, leave=False):
-        reg = register_to_template(data, aff, t1, affine, placement, static_mask=brain)
+        reg = register_to_template(data, aff, t1, affine, placement, static_mask=brain,
+                                   stages=placement_stages)
         warped.append(reg.transform(data))
     mean = np.where(brain, np.mean(warped, axis=0), 0.0)
     means.append(mean)

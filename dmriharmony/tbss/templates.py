@@ -247,8 +247,18 @@ def _phantom_cached(threshold: float) -> Template:
     table = ph["label_table"]
     if not isinstance(table, pd.DataFrame):
         table = pd.DataFrame(table)
-    return template_from_arrays(ph["fa"], ph["affine"], ph["mask"], ph["labels"], table,
-                                name="phantom", threshold=threshold, source="phantom")
+
+    def _arr(x: object) -> np.ndarray:
+        if isinstance(x, nib.spatialimages.SpatialImage):
+            return np.asanyarray(x.dataobj)
+        return np.asarray(x)
+
+    affine = ph.get("affine")
+    if affine is None:
+        affine = ph["fa"].affine
+    return template_from_arrays(_arr(ph["fa"]), np.asarray(affine, float), _arr(ph["mask"]),
+                                _arr(ph["labels"]), table, name="phantom", threshold=threshold,
+                                source="phantom")
 
 
 def phantom_template(threshold: float = 0.2) -> Template:
