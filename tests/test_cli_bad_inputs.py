@@ -258,3 +258,44 @@ def test_console_script_exit_code(tmp_path):
                           timeout=120, env={**os.environ, "NIPYPE_NO_ET": "1"})
     assert proc.returncode == 16
     assert proc.stderr.strip().splitlines()[-1].startswith("dmriharmony: error: ")
+
+
+def test_failure_inside_a_node_is_one_line(tmp_path, capsys, monkeypatch):
+    """NaN data with --no-data-check is caught by the fit node: exit 65, the file named."""
+    root = tmp_path / "ds"
+    write_bids_dataset(root, ("01", "02"), **SMALL)
+    culprit = _nan_data(root)
+    out = tmp_path / "out"
+    rc = main([str(root), str(out), "participant", "--no-data-check",
+               "-w", str(tmp_path / "work")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 65, err
+    assert len(err) == 1 and os.path.basename(culprit) in err[0] and "crash file" in err[0]
+    assert not list((out / "dmriharmony").rglob("sub-01_*.nii.gz"))
+
+
+def test_internal_error_exits_70(tmp_path, capsys, monkeypatch):
+    import dmriharmony.interfaces.dti as idti
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated bug in the fit")
+
+    monkeypatch.setattr(idti, "fit_tensor_file", boom)
+    root = tmp_path / "ds"
+    write_bids_dataset(root, ("01",), **SMALL)
+    out = tmp_path / "out"
+    rc = main([str(root), str(out), "participant", "-w", str(tmp_path / "work")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 70
+    assert len(err) == 1 and "simulated bug in the fit" in err[0]
+    assert not list(out.rglob("*_dwimap.nii.gz"))
+
+
+def test_site_table_lists_all_runs_whatever_the_filter(tmp_path):
+    root = tmp_path / "ds"
+    write_bids_dataset(root, ("01", "02"), sites={"01": "X", "02": "Y"}, **SMALL)
+    out = tmp_path / "out"
+    assert main([str(root), str(out), "participant", "--participant-label", "02"]) == 0
+    rows = (out / "dmriharmony" / "site_table.tsv").read_text().strip().splitlines()
+    assert len(rows) == 3
+    assert not (out / "dmriharmony" / "sub-01").exists()

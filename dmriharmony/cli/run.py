@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bids-database-dir", type=Path,
                    help="pybids index folder (default: inside the work folder)")
     g.add_argument("--reset-database", action="store_true", help="re-index the dataset")
+    g.add_argument("--no-data-check", action="store_true",
+                   help="validate headers and gradients only before starting (NaN/Inf and "
+                        "unreadable data are then reported by the node that reads them)")
     d = p.add_argument_group("DTI")
     d.add_argument("--denoise", choices=["none", "mppca", "patch2self"], default="none")
     d.add_argument("--gibbs", action="store_true", help="remove Gibbs ringing")
@@ -112,38 +115,62 @@ def _plugin_args(text: str | None) -> dict:
     return value
 
 
-def _crash_line(crash_dir: Path, since: float) -> tuple[str, bool]:
-    """Last exception line of the newest Nipype crash file (and whether it is a data error)."""
+def _crash_line(crash_dir: Path, since: float, exc: BaseException) -> tuple[str, bool]:
+    """The root-cause line of a failed run (and whether it is a data error).
+
+    Taken from the newest Nipype crash file written since ``since``, else from the exception
+    text (Nipype's Linear plugin raises the node's traceback as text).
+    """
     files = sorted((f for f in crash_dir.glob("crash-*") if f.stat().st_mtime >= since - 1),
                    key=lambda f: f.stat().st_mtime) if crash_dir.is_dir() else []
-    if not files:
-        return "a workflow node failed (see the Nipype log)", False
-    lines = [ln.strip() for ln in files[-1].read_text(errors="replace").splitlines()
-             if ln.strip()]
+    text = files[-1].read_text(errors="replace") if files else str(exc)
+    where = f" (crash file {files[-1]})" if files else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "Error:" in ln or "Exception:" in ln:
             data = "BIDSInputError" in ln
-            text = ln.split("Error: ", 1)[-1] if "Error: " in ln else ln
-            return f"{text} (crash file {files[-1]})", data
-    return f"a workflow node failed (crash file {files[-1]})", False
+            msg = ln.split("Error: ", 1)[-1] if "Error: " in ln else ln
+            return f"{msg}{where}", data
+    return f"a workflow node failed: {lines[-1] if lines else type(exc).__name__}{where}", False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (survives redirection in tests)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it
+        pass
 
 
 def _configure_logging(verbose: int) -> None:
-    """dmriharmony logs at WARNING (-v INFO, -vv DEBUG); Nipype's own log one level quieter."""
+    """dmriharmony logs at WARNING (-v INFO, -vv DEBUG); Nipype is quieter."""
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     LOGGER.setLevel(level)
-    if not LOGGER.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         LOGGER.addHandler(handler)
     LOGGER.propagate = False
-    nipype_level = "WARNING" if verbose < 2 else "INFO"
+    # Nipype's own console log: silent by default (failures are summarised in one line with
+    # the crash file), warnings with -v, progress with -vv
+    nipype_level = ("CRITICAL", "WARNING", "INFO")[min(verbose, 2)]
     nipype_config.update_config({"logging": {"workflow_level": nipype_level,
                                              "interface_level": nipype_level,
                                              "utils_level": nipype_level}})
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is not None:
+                h.setStream(sys.stdout)  # the current stdout (it may have been redirected)
     nipype_logging.update_logging(nipype_config)
 
 
@@ -185,8 +212,13 @@ def run_participant(args: argparse.Namespace) -> int:
     options = ParticipantOptions(denoise=args.denoise, gibbs=args.gibbs, bmax=args.bmax,
                                  b_round=args.b_round, fit_method=args.fit_method,
                                  omp_nthreads=args.omp_nthreads)
-    validate_inputs(inputs, bmax=args.bmax, b_round=args.b_round)
-    table = site_table(runs, bids_dir, b_round=args.b_round, site_column=args.site_column)
+    validate_inputs(inputs, bmax=args.bmax, b_round=args.b_round,
+                    check_values=not args.no_data_check)
+    # the site table covers every run of the dataset, whatever the filters: parallel jobs
+    # (one per participant) then write the same file
+    all_runs = runs if not (args.participant_label or args.session_label) else \
+        collect_dwi_runs(layout)
+    table = site_table(all_runs, bids_dir, b_round=args.b_round, site_column=args.site_column)
     LOGGER.info("%d DWI run(s), %d DTI input(s), sites: %s", len(runs), len(inputs),
                 ", ".join(sorted(set(table["site"]))))
 
@@ -219,10 +251,8 @@ def run_participant(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
-    except RuntimeError as exc:
-        if "did not execute cleanly" not in str(exc) and "Workflow" not in str(exc):
-            raise
-        line, data_error = _crash_line(crash_dir, started)
+    except Exception as exc:  # noqa: BLE001 - Nipype wraps node errors in several types
+        line, data_error = _crash_line(crash_dir, started, exc)
         return _fail(line, EX_DATAERR if data_error else EX_SOFTWARE)
     print(f"dmriharmony: participant level done: {len(inputs)} input(s); derivatives in {deriv}")
     return EX_OK

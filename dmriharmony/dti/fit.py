@@ -66,7 +66,7 @@ def estimate_sigma_b0(
     idx = np.flatnonzero(np.asarray(bvals) <= b0_threshold)
     if idx.size < 2 or not mask.any():
         return None
-    b0 = np.asarray(data[mask][:, idx], np.float64)
+    b0 = np.asarray(data[..., idx][mask], np.float64)
     return float(np.sqrt(np.mean(np.var(b0, axis=1, ddof=1))))
 
 
@@ -143,14 +143,13 @@ def fit_tensor(
     if not mask.any():
         raise ValueError("the brain mask is empty: nothing to fit")
     shape = data.shape[:3]
-    # log-linear fits need positive signal
-    signal = np.clip(np.asarray(data[mask], np.float64), 1e-6, None)
+    signal = data[mask]  # (n_voxels, n_volumes) in the input dtype; float64 per chunk
     n_vox = signal.shape[0]
 
     sigma = estimate_sigma_b0(data, gtab.bvals, mask)
     sigma_method = "b0-repeats"
     if sigma is None:
-        sigma = _pilot_sigma(gtab, signal)
+        sigma = _pilot_sigma(gtab, np.clip(np.asarray(signal, np.float64), 1e-6, None))
         sigma_method = "wls-residuals"
     if dipy_method == "RESTORE" and not sigma:
         sigma = 1e-3 * float(np.median(signal))
@@ -161,23 +160,26 @@ def fit_tensor(
     v1 = np.empty((n_vox, 3))
     tensor = np.empty((n_vox, 6))
     s0 = np.empty(n_vox)
-    pred = np.empty_like(signal)
-    starts = range(0, n_vox, max(int(chunk_voxels), 1))
+    qc_acc = _QCAccumulator(n_vox, gtab, sigma, outlier_threshold)
+    step = max(int(chunk_voxels), 1)
+    starts = range(0, n_vox, step)
     for start in tqdm(starts, desc=f"tensor fit ({key})", unit="chunk",
                       disable=len(starts) < 4, leave=False):
-        sl = slice(start, start + chunk_voxels)
-        tfit = model.fit(signal[sl])
+        sl = slice(start, start + step)
+        # log-linear fits need positive signal
+        chunk = np.clip(np.asarray(signal[sl], np.float64), 1e-6, None)
+        tfit = model.fit(chunk)
         fa[sl] = np.clip(np.nan_to_num(tfit.fa), 0.0, 1.0)
         evals[sl] = np.nan_to_num(tfit.evals)
         v1[sl] = np.nan_to_num(tfit.evecs[..., :, 0])
         tensor[sl] = np.nan_to_num(tfit.lower_triangular())
         s0[sl] = np.nan_to_num(np.asarray(tfit.S0_hat, np.float64))
-        pred[sl] = np.nan_to_num(tfit.predict(gtab, S0=s0[sl]))
+        qc_acc.add(sl, chunk, np.nan_to_num(tfit.predict(gtab, S0=s0[sl])))
 
     md = evals.mean(axis=-1)
     ad = evals[:, 0]
     rd = evals[:, 1:].mean(axis=-1)
-    qc = tensor_qc(signal, pred, gtab, sigma, outlier_threshold)
+    qc = qc_acc.result()
     qc.update(
         sigma_method=sigma_method,
         fit_method=key,
@@ -195,6 +197,42 @@ def fit_tensor(
         fa=scatter(fa), md=scatter(md), ad=scatter(ad), rd=scatter(rd), v1=scatter(v1),
         tensor=scatter(tensor), s0=scatter(s0), qc=qc,
     )
+
+
+class _QCAccumulator:
+    """:func:`tensor_qc` computed chunk by chunk (no full copy of the predicted signal)."""
+
+    def __init__(self, n_vox: int, gtab: GradientTable, sigma: float | None,
+                 outlier_threshold: float):
+        self.b0 = gtab.b0s_mask
+        self.sigma = sigma
+        self.threshold = outlier_threshold
+        self.s0 = np.empty(n_vox)
+        self.rel_rmse = np.empty(n_vox)
+        self.n_out = 0
+        self.n_dw = 0
+        self.n_vol = len(gtab.bvals)
+
+    def add(self, sl: slice, signal: np.ndarray, predicted: np.ndarray) -> None:
+        resid = signal - predicted
+        s0 = np.mean(signal[:, self.b0], axis=1)
+        self.s0[sl] = s0
+        self.rel_rmse[sl] = np.sqrt(np.mean(resid**2, axis=1)) / np.where(s0 > 0, s0, np.nan)
+        if self.sigma:
+            dw = np.abs(resid[:, ~self.b0])
+            self.n_out += int(np.sum(dw > self.threshold * self.sigma))
+            self.n_dw += dw.size
+
+    def result(self) -> dict:
+        sigma = self.sigma
+        return {
+            "n_voxels": int(self.s0.size),
+            "n_volumes": int(self.n_vol),
+            "sigma": float(sigma) if sigma else float("nan"),
+            "snr": float(np.median(self.s0) / sigma) if sigma else float("nan"),
+            "residual_rmse": float(np.nanmedian(self.rel_rmse)),
+            "outlier_fraction": self.n_out / self.n_dw if sigma and self.n_dw else float("nan"),
+        }
 
 
 def tensor_qc(

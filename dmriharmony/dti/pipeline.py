@@ -112,7 +112,8 @@ def fit_tensor_file(
         sel = select_shells(dwi.bvals, dwi.bvecs, bmax=bmax, step=b_round)
     except BIDSInputError as exc:
         raise BIDSInputError(f"{bval_file}: {exc}") from None
-    data = dwi.data[..., sel.index]
+    # fancy indexing copies: skip it when every volume is kept
+    data = dwi.data if len(sel.index) == dwi.data.shape[3] else dwi.data[..., sel.index]
     gtab = make_gtab(sel.bvals, sel.bvecs)
     try:
         maps = fit_tensor(data, gtab, m, method=method)
