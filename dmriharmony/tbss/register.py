@@ -140,6 +140,8 @@ class Registration:
                 "prealign": np.eye(4) if m.prealign is None else m.prealign,
                 "is_inverse": np.asarray(bool(m.is_inverse)),
                 "static_affine": self.static_affine,
+                "static_shape": np.asarray(self.static_shape),
+                "moving_shape": np.asarray(self.moving_shape),
                 "moving_affine": self.moving_affine, "affine": self.affine,
             }
 
@@ -181,8 +183,8 @@ class Registration:
             m.forward = np.ascontiguousarray(z["forward"], dtype=np.float32)
             m.backward = np.ascontiguousarray(z["backward"], dtype=np.float32)
             m.is_inverse = bool(z["is_inverse"]) if "is_inverse" in z else False
-            return cls(affine, tuple(int(s) for s in z["domain_shape"]), z["static_affine"],
-                       tuple(int(s) for s in z["codomain_shape"]), z["moving_affine"], syn=m)
+            return cls(affine, tuple(int(s) for s in z["static_shape"]), z["static_affine"],
+                       tuple(int(s) for s in z["moving_shape"]), z["moving_affine"], syn=m)
         if static_img is None or moving_img is None:
             raise TemplateError(f"affine-only transform {affine_path} needs the template and "
                                 "subject images to know the grids")
