@@ -180,8 +180,12 @@ def test_split_shells_and_sessions_through_cli(tmp_path):
     assert np.median(np.abs(fa[wm] - truth["01"][wm])) < 0.02
 
 
-@pytest.mark.parametrize("extra", [["--denoise", "mppca"], ["--fit-method", "restore"],
-                                   ["--nprocs", "2", "--omp-nthreads", "1"]])
+@pytest.mark.parametrize("extra", [
+    ["--denoise", "mppca"], ["--fit-method", "restore"],
+    # MultiProc polls its workers every few seconds: ~15 s of wall time for a tiny job
+    pytest.param(["--nprocs", "2", "--omp-nthreads", "1"], marks=pytest.mark.slow),
+    ["--plugin", "Linear", "--plugin-args", "{}"],
+])
 def test_options_run(tmp_path, extra):
     root = tmp_path / "ds"
     truth = write_bids_dataset(root, ("01",), snr=60, **SMALL)
