@@ -211,3 +211,21 @@ def test_run_numbers_are_ints(tmp_path):
     assert inputs[0].prefix == "sub-01_run-2"
     assert site_table(runs, root).loc[0, "run"] == 2
     assert np.issubdtype(type(site_table(runs, root).loc[0, "run"]), np.integer)
+
+
+def test_dataset_description_generated_by_and_spatial_reference(tmp_path):
+    from dmriharmony import __version__
+    from dmriharmony.bids import write_dataset_description
+
+    ref = {"enigma": {"URI": "bids:templates:ENIGMA_DTI_FA.nii.gz"}}
+    path = write_dataset_description(tmp_path / "d", source_dir=tmp_path / "raw",
+                                     spatial_reference=ref)
+    desc = json.loads(path.read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0] == {**desc["GeneratedBy"][0], "Name": "dmriharmony",
+                                      "Version": __version__}
+    assert desc["SpatialReference"] == ref
+    assert desc["DatasetLinks"]["raw"].startswith("file://")
+    assert "*_dwimap.nii.gz" in (tmp_path / "d" / ".bidsignore").read_text().split()
+    # no temporary files left behind by the atomic writes
+    assert not [p for p in (tmp_path / "d").iterdir() if p.name.endswith(".tmp")]
