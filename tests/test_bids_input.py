@@ -205,10 +205,10 @@ def test_run_numbers_are_ints(tmp_path):
     write_bids_dataset(root, ("01",), **SMALL)
     d = root / "sub-01" / "dwi"
     for ext in ("nii.gz", "bval", "bvec", "json"):
-        (d / f"sub-01_dwi.{ext}").rename(d / f"sub-01_run-2_dwi.{ext}")
+        (d / f"sub-01_dwi.{ext}").rename(d / f"sub-01_run-02_dwi.{ext}")
     runs = collect_dwi_runs(load_layout(root))
     inputs = group_dti_inputs(runs)
-    assert inputs[0].prefix == "sub-01_run-2"
+    assert inputs[0].prefix == "sub-01_run-02"  # zero padding kept in derivative names
     assert site_table(runs, root).loc[0, "run"] == 2
     assert np.issubdtype(type(site_table(runs, root).loc[0, "run"]), np.integer)
 

@@ -70,10 +70,8 @@ def entities_prefix(entities: dict) -> str:
     parts = []
     for key, short in RUN_ENTITIES:
         if entities.get(key) is not None:
-            value = entities[key]
-            if key == "run" and isinstance(value, int | np.integer):
-                value = f"{int(value)}"
-            parts.append(f"{short}-{value}")
+            # pybids' PaddedInt keeps the zero padding of run-01 in str()
+            parts.append(f"{short}-{entities[key]}")
     return "_".join(parts)
 
 
