@@ -199,8 +199,21 @@ def _fit_block(
         return profile(st.take(idx), lambda_from_theta(th, 2), reml).deviance
 
     lower = np.array([0.0, -np.inf, 0.0])
-    x0 = np.column_stack([np.maximum(th1, 0.05), np.zeros(p), np.full(p, 0.1)])
-    x, f, _ = nelder_mead(f3, x0, np.array([0.25, 0.25, 0.25]), lower, ftol=1e-5, xtol=1e-3)
+    # Several starts (the likelihood surface has ridges where Lambda is singular, which trap a
+    # single Nelder-Mead run); the best end point is refined by a tight restart.
+    a_ri = np.maximum(th1, 0.05)
+    starts = [(a_ri, 0.0, 0.1), (np.full(p, 0.02), 0.0, 0.3), (a_ri, -0.3, 0.02),
+              (a_ri, 0.3, 0.02)]
+    x, f = None, None
+    for a0, b0, c0 in starts:
+        x0 = np.column_stack([a0, np.full(p, b0), np.full(p, c0)])
+        xs, fs, _ = nelder_mead(f3, x0, np.array([0.25, 0.25, 0.25]), lower, ftol=1e-5,
+                                xtol=1e-3)
+        if x is None:
+            x, f = xs, fs
+        else:
+            better = fs < f
+            x, f = np.where(better[:, None], xs, x), np.where(better, fs, f)
     step = 0.02 * (np.abs(x) + 0.05)
     x2, f2, conv = nelder_mead(f3, x, step, lower, ftol=1e-10, xtol=1e-7)
     better = f2 <= f
