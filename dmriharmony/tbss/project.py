@@ -12,9 +12,9 @@ subjects' FA onto the skeleton"; re-implemented from the paper, no FSL code):
   and falls to 0 outside the brain);
 * a wide Gaussian (FWHM 20 mm) multiplies the FA during the search only, so that far maxima are
   down-weighted smoothly; the *unweighted* FA of the winning voxel goes onto the skeleton;
-* extension: where the skeleton is a curve (a thin, tube-like tract) the tract has two
-  perpendiculars; a second search line along the other one
-  (:func:`dmriharmony.tbss.skeleton.tube_directions`) follows the same rules;
+* extension: across a thin, tube-like tract (two strongly negative Hessian eigenvalues of the
+  mean FA) the perpendicular is a plane; extra search lines spanning it
+  (:func:`dmriharmony.tbss.skeleton.tube_directions`) follow the same rules;
 * other maps (MD, AD, RD, ...) are sampled at the positions found by searching the FA (ENIGMA's
   ``tbss_non_FA`` step), never by searching those maps themselves.
 """

@@ -13,7 +13,9 @@ voxelwise analysis of multi-subject diffusion data", NeuroImage 31:1487-1505 (20
    discrete lines and regularised by a 3x3x3 mode filter.
 2. **Non-maximum suppression**: a voxel is on the skeleton when its FA is a maximum along its
    perpendicular (strictly greater than the neighbour on the positive side, not smaller than
-   the one on the negative side, so that flat two-voxel ridges give one voxel).
+   the one on the negative side, so that flat two-voxel ridges give one voxel, while the edge
+   of a flat plateau is no ridge), both
+   neighbours lying inside the brain mask (no artificial ridge at the brain edge).
 3. **Threshold** the skeleton at a mean-FA value (TBSS default 0.2).
 4. Remaining three-voxel runs along a perpendicular (possible where neighbouring voxels chose
    different lines) are thinned by removing the middle voxel's neighbours with the lower FA, so
@@ -145,19 +147,37 @@ def _mode_filter(direction: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def non_maximum_suppression(mean_fa: np.ndarray, direction: np.ndarray) -> np.ndarray:
-    """Voxels whose FA is a maximum along their perpendicular line (Smith et al. 2006)."""
+def non_maximum_suppression(mean_fa: np.ndarray, direction: np.ndarray,
+                            mask: np.ndarray | None = None, tol: float = 1e-3) -> np.ndarray:
+    """Voxels whose FA is a maximum along their perpendicular line (Smith et al. 2006).
+
+    FA differences within ``tol`` count as ties (flat plateaus of a phantom carry float noise).
+
+    With ``mask``, both neighbours along the line must be inside it: at the brain edge the FA
+    drops to 0 outside the mask, which would otherwise make every boundary voxel a "ridge".
+    """
     fa = np.asarray(mean_fa, dtype=np.float32)
     padded = np.pad(fa, 1)
+    padded2 = np.pad(fa, 2)
+    inside = None if mask is None else np.pad(np.asarray(mask) != 0, 1)
     keep = np.zeros(fa.shape, bool)
+    nx, ny, nz = fa.shape
     for n, d in enumerate(DIRECTIONS):
         sel = direction == n
         if not sel.any():
             continue
         plus = _shifted(padded, d)[sel]
         minus = _shifted(padded, -d)[sel]
+        i, j, k = (2 - 2 * int(o) for o in d)
+        minus2 = padded2[i:i + nx, j:j + ny, k:k + nz][sel]
         v = fa[sel]
-        keep[sel] = (v > plus) & (v >= minus)
+        # a tie on the negative side is a two-voxel ridge only if FA falls beyond it (a flat
+        # plateau's edge is no ridge)
+        ok = (v > plus + tol) & ((v > minus + tol)
+                                 | ((np.abs(v - minus) <= tol) & (v > minus2 + tol)))
+        if inside is not None:
+            ok &= _shifted(inside, d)[sel] & _shifted(inside, -d)[sel]
+        keep[sel] = ok
     return keep & (fa > 0)
 
 
@@ -228,7 +248,7 @@ def skeletonise(
     if fa.max() > 2:
         raise TemplateError("mean FA exceeds 2: rescale FA x 10^4 images with as_fraction()")
     direction = perpendicular_directions(fa, mask, cog_threshold, mode_filter)
-    skel = non_maximum_suppression(fa, direction) & mask & (fa > threshold)
+    skel = non_maximum_suppression(fa, direction, mask) & mask & (fa > threshold)
     skel = _thin(skel, direction, fa)
     LOGGER.info("skeleton: %d voxels at threshold %.3g", int(skel.sum()), threshold)
     if return_directions:
@@ -250,48 +270,64 @@ def skeleton_distance_map(mask: np.ndarray, skeleton: np.ndarray) -> np.ndarray:
     return ndi.distance_transform_edt(mask & ~skel).astype(np.float32)
 
 
-def tube_directions(skeleton: np.ndarray, direction: np.ndarray,
-                    max_neighbours: int = 3) -> np.ndarray:
-    """Second search line for skeleton voxels that lie on a 1-D curve (tube-like tracts).
 
-    A sheet-like skeleton has one perpendicular, which :func:`perpendicular_directions` finds.
-    Where a tract is a thin tube, TBSS's skeleton is a curve and the tract has *two*
-    perpendiculars; a single search line then misses misalignment along the other one. For
-    skeleton voxels with at most ``max_neighbours`` skeleton neighbours (a curve: 1-2), the curve
-    tangent ``t`` is the principal axis of the neighbour offsets and the second line is the one of
-    :data:`DIRECTIONS` best aligned with ``t x d1``. This is an extension of Smith et al. (2006),
-    used by :func:`dmriharmony.tbss.project.search_positions` with the same distance-map rule.
+def _hessian_at(fa: np.ndarray, coords: np.ndarray, sigma: float) -> np.ndarray:
+    """Hessian (n, 3, 3) of the Gaussian-smoothed FA at the voxels ``coords`` (n, 3)."""
+    h = np.zeros((len(coords), 3, 3), np.float64)
+    idx = tuple(coords.T)
+    for a in range(3):
+        for b in range(a, 3):
+            order = [0, 0, 0]
+            order[a] += 1
+            order[b] += 1
+            comp = ndi.gaussian_filter(fa, sigma, order=order, mode="nearest")[idx]
+            h[:, a, b] = comp
+            h[:, b, a] = comp
+    return h
+
+
+def tube_directions(
+    mean_fa: np.ndarray,
+    skeleton: np.ndarray,
+    direction: np.ndarray,
+    sigma: float = 1.0,
+    ratio: float = 0.4,
+) -> list[np.ndarray]:
+    """Extra search lines across tube-like tracts (an extension of Smith et al. 2006).
+
+    A sheet-like tract has one perpendicular, the line :func:`perpendicular_directions` finds.
+    A thin tube-like tract has a whole perpendicular *plane*; a single search line then misses
+    misalignment along the other perpendicular. At skeleton voxels where the Hessian of the
+    smoothed mean FA has two strongly negative eigenvalues (``lambda2 <= ratio * lambda1 < 0``
+    is violated only by sheets: tube if ``lambda2 / lambda1 >= ratio``), the plane spanned by their
+    eigenvectors ``e1, e2`` is searched along ``e1``, ``e2`` and ``(e1 +- e2)/sqrt(2)``, each
+    snapped to the nearest of the 13 :data:`DIRECTIONS` (lines equal to the voxel's primary
+    perpendicular are dropped). :func:`dmriharmony.tbss.project.search_positions` applies the
+    same distance-map rule along them.
 
     Returns
     -------
-    ndarray of int8
-        Line index per voxel; -1 where there is no second line (sheets, off the skeleton).
+    list of ndarray of int8
+        Four maps of line indices; -1 where there is no extra line (sheets, off the skeleton).
     """
+    fa, _ = _prepare(mean_fa, None)
     skel = np.asarray(skeleton) != 0
-    out = np.full(skel.shape, -1, np.int8)
-    coords = np.argwhere(skel)
+    if skel.shape != fa.shape:
+        raise TemplateError(f"skeleton {skel.shape} and mean FA {fa.shape} grids differ")
+    maps = [np.full(fa.shape, -1, np.int8) for _ in range(4)]
+    coords = np.argwhere(skel & (np.asarray(direction) >= 0))
     if not len(coords):
-        return out
-    padded = np.pad(skel, 1)
-    offsets = np.array([(i, j, k) for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)
-                        if (i, j, k) != (0, 0, 0)])
-    present = np.stack([padded[tuple((coords + 1 + o).T)] for o in offsets], axis=1)
-    count = present.sum(axis=1)
-    line = (count >= 1) & (count <= max_neighbours) & (np.asarray(direction)[skel] >= 0)
-    if not line.any():
-        return out
-    unit = offsets / np.linalg.norm(offsets, axis=1, keepdims=True)
-    scatter = np.einsum("ni,ij,ik->njk", present[line].astype(float), unit, unit)
-    _, vecs = np.linalg.eigh(scatter)
-    tangent = vecs[:, :, -1]
-    d1 = _UNIT[np.asarray(direction)[skel][line].astype(int)]
-    d2 = np.cross(tangent, d1)
-    norm = np.linalg.norm(d2, axis=1)
-    ok = norm > 0.5  # tangent not parallel to the first perpendicular
-    d2 = d2 / np.where(norm > 0, norm, 1)[:, None]
-    best = np.argmax(np.abs(d2 @ _UNIT.T), axis=1).astype(np.int8)
-    first = np.asarray(direction)[skel][line]
-    best[(best == first) | ~ok] = -1
-    idx = coords[line]
-    out[tuple(idx.T)] = best
-    return out
+        return maps
+    vals, vecs = np.linalg.eigh(_hessian_at(fa.astype(np.float64), coords, sigma))
+    l1, l2 = vals[:, 0], vals[:, 1]
+    tube = (l1 < 0) & (l2 < 0) & (l2 / np.where(l1 < 0, l1, -1.0) >= ratio)
+    if not tube.any():
+        return maps
+    e1, e2 = vecs[tube, :, 0], vecs[tube, :, 1]
+    primary = np.asarray(direction)[tuple(coords[tube].T)]
+    idx = tuple(coords[tube].T)
+    for k, vec in enumerate((e1, e2, (e1 + e2) / np.sqrt(2), (e1 - e2) / np.sqrt(2))):
+        best = np.argmax(np.abs(vec @ _UNIT.T), axis=1).astype(np.int8)
+        best[best == primary] = -1
+        maps[k][idx] = best
+    return maps

@@ -116,7 +116,7 @@ class Template:
     threshold: float | None = None
     source: str = "folder"
     _directions: np.ndarray | None = field(default=None, repr=False)
-    _tube: np.ndarray | None = field(default=None, repr=False)
+    _tube: list[np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         shape = self.fa.shape
@@ -150,8 +150,8 @@ class Template:
     def search_directions(self) -> list[np.ndarray]:
         """Projection search lines: the perpendicular, plus the second one on tube-like parts."""
         if self._tube is None:
-            self._tube = tube_directions(self.skeleton, self.directions)
-        return [self.directions, self._tube]
+            self._tube = tube_directions(self.fa, self.skeleton, self.directions)
+        return [self.directions, *self._tube]
 
     @property
     def roi_mask(self) -> np.ndarray:
