@@ -14,6 +14,8 @@ Patz, MRM 1995).
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +32,13 @@ from dmriharmony.simulate.transforms import Warp, rotation_part, scanner_to_temp
 log = logging.getLogger(__name__)
 
 #: Margin (mm) of the field of view around the brain.
-FOV_MARGIN = 6.0
+FOV_MARGIN = 4.0
 #: Voxels whose centre lies deeper than this (mm) outside the brain are "background".
 HEAD_MARGIN = 4.0
 #: Sub-voxel sampling step (mm) of the partial-volume footprint of an acquisition voxel.
-SUBSAMPLE_SPACING = 1.25
+SUBSAMPLE_SPACING = 1.5
 _CHUNK_POINTS = 400_000
-_CHUNK_VOXELS = 60_000
+_CHUNK_VOXELS = 40_000
 
 
 @dataclass
@@ -54,17 +56,28 @@ class Scan:
     native_truth: dict | None = None
 
 
+def _n_threads() -> int:
+    env = os.environ.get("DMRIHARMONY_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else (os.cpu_count() or 1)))
+
+
 def reference_wm_signal(weights: dict) -> float:
     """b=0 signal of a reference white-matter voxel (half intra, half extra), PD units."""
     return 0.5 * weights["intra"] + 0.5 * weights["extra"]
 
 
-def acquisition_grid(site: Site, affine: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+def acquisition_grid(site: Site, affine: np.ndarray, warp: Warp | None = None
+                     ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Image affine and shape of ``site``'s field of view around the subject's brain.
 
-    ``affine`` maps scanner mm to template mm (the brain centre is the template origin).
+    ``affine`` maps scanner mm to template mm (the brain centre is the template origin); the
+    margin grows by the largest displacement of ``warp``.
     """
-    semi = np.asarray(BRAIN_SEMI_AXES) + FOV_MARGIN
+    extra = 0.0 if warp is None else float(np.linalg.norm(warp.field, axis=-1).max())
+    semi = np.asarray(BRAIN_SEMI_AXES) + FOV_MARGIN + extra
     inv = np.linalg.inv(affine)
     rot = Rotation.from_euler("x", site.angulation_deg, degrees=True).as_matrix()
     # the brain ellipsoid y^T diag(semi^-2) y <= 1 seen in scanner space is x = inv(A) y: its
@@ -154,7 +167,7 @@ def render_scan(phantom: Phantom, ms: Microstructure, site: Site, affine: np.nda
         Also return the b -> 0 FA/MD/AD/RD of every acquisition voxel (signal-weighted over its
         footprint), the exact target of a noise-free DTI fit in the b -> 0 limit.
     """
-    img_affine, shape = acquisition_grid(site, affine)
+    img_affine, shape = acquisition_grid(site, affine, warp)
     prot = protocol(site)
     zooms = np.linalg.norm(img_affine[:3, :3], axis=0)
     frame = img_affine[:3, :3] / zooms  # unit image axes in scanner space (columns)
@@ -164,10 +177,17 @@ def render_scan(phantom: Phantom, ms: Microstructure, site: Site, affine: np.nda
     w, used, head = _footprint(phantom, img_affine, shape, affine, warp)
     n_vox = w.shape[0]
     data = np.zeros((n_vox, prot.bvals_applied.size))
-    for start in range(0, used.size, _CHUNK_VOXELS):
-        sel = used[start:start + _CHUNK_VOXELS]
-        s = mixture_signal(ms, sel, prot.bvals_applied, g_tpl, weights)
-        data += w[:, start:start + sel.size] @ s
+    starts = list(range(0, used.size, _CHUNK_VOXELS))
+
+    def chunk(start: int) -> np.ndarray:
+        return mixture_signal(ms, used[start:start + _CHUNK_VOXELS], prot.bvals_applied, g_tpl,
+                              weights)
+
+    # numpy's ufuncs release the GIL: chunks run in parallel threads; the sum is done in a
+    # fixed order, so the result does not depend on the number of threads
+    with ThreadPoolExecutor(max_workers=_n_threads()) as pool:
+        for start, s in zip(starts, pool.map(chunk, starts)):
+            data += w[:, start:start + s.shape[0]] @ s
     truth = None
     if native_truth:
         num, den = d0_moments(ms, used, weights)

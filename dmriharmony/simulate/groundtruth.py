@@ -34,21 +34,40 @@ def site_weights(site: Site) -> dict[str, float]:
     return compartment_weights(relaxation_at(site.field_strength), site.te_ms, site.tr_ms)
 
 
-def _block_sum(values: np.ndarray, phantom: Phantom) -> np.ndarray:
-    """Sum fine-grid per-voxel values (n, ...) over the 2x2x2 blocks of the template grid."""
-    vol = phantom.to_volume(values)
-    nx, ny, nz = TEMPLATE_SHAPE
-    tail = vol.shape[3:]
-    return vol.reshape((nx, BLOCK, ny, BLOCK, nz, BLOCK) + tail).sum(axis=(1, 3, 5))
+def _block_index(phantom: Phantom) -> np.ndarray:
+    """Flat template-grid index (C order) of the block holding each phantom voxel."""
+    if "block" not in phantom.extra:
+        ijk = np.stack(np.unravel_index(phantom.index, phantom.shape), axis=1) // BLOCK
+        phantom.extra["block"] = np.ravel_multi_index(ijk.T, TEMPLATE_SHAPE)
+    return phantom.extra["block"]
 
 
-def template_tensor(ms: Microstructure, weights: dict[str, float]) -> tuple[np.ndarray,
-                                                                            np.ndarray]:
-    """b -> 0 tensor (X, Y, Z, 6) on the template grid and its signal weight (X, Y, Z)."""
+def _block_sum(values: np.ndarray, phantom: Phantom, sel: np.ndarray | None = None) -> np.ndarray:
+    """Sum per-voxel values (n, ...) of phantom voxels ``sel`` over the template-grid blocks."""
+    block = _block_index(phantom)
+    if sel is not None:
+        block = block[sel]
+    values = np.asarray(values, dtype=float)
+    size = int(np.prod(TEMPLATE_SHAPE))
+    flat = values.reshape(values.shape[0], -1)
+    out = np.stack([np.bincount(block, weights=flat[:, c], minlength=size)
+                    for c in range(flat.shape[1])], axis=-1)
+    return out.reshape(TEMPLATE_SHAPE + values.shape[1:])
+
+
+def template_tensor(ms: Microstructure, weights: dict[str, float],
+                    mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """b -> 0 tensor (X, Y, Z, 6) on the template grid and its signal weight (X, Y, Z).
+
+    With ``mask`` (template grid, bool) only the fine voxels of masked blocks are used.
+    """
     ph = ms.phantom
-    num, den = d0_moments(ms, np.arange(ph.n), weights)
-    n_t = _block_sum(num, ph)
-    d_t = _block_sum(den, ph)
+    sel = np.arange(ph.n)
+    if mask is not None:
+        sel = np.flatnonzero(np.asarray(mask).ravel()[_block_index(ph)])
+    num, den = d0_moments(ms, sel, weights)
+    n_t = _block_sum(num, ph, sel)
+    d_t = _block_sum(den, ph, sel)
     with np.errstate(invalid="ignore", divide="ignore"):
         d0 = np.where(d_t[..., None] > 0, n_t / np.where(d_t > 0, d_t, 1.0)[..., None], 0.0)
     return d0, d_t
@@ -58,10 +77,10 @@ def template_metrics(ms: Microstructure, weights: dict[str, float],
                      mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """FA/MD/AD/RD maps of the b -> 0 tensor on the template grid (0 outside the brain).
 
-    ``mask`` (template grid, bool) restricts the eigen-decomposition to those voxels.
+    ``mask`` (template grid, bool) restricts the computation to those voxels.
     """
-    d0, den = template_tensor(ms, weights)
-    sel = den > 0 if mask is None else (den > 0) & mask
+    d0, den = template_tensor(ms, weights, mask)
+    sel = den > 0
     out = {m: np.zeros(TEMPLATE_SHAPE) for m in METRICS}
     met = tensor_metrics(d0[sel])
     for m in METRICS:

@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import tempfile
+from io import BytesIO
 from pathlib import Path
 
 import nibabel as nib
@@ -86,9 +87,19 @@ def make_image(data: np.ndarray, affine: np.ndarray, *, slope: float | None = No
 
 
 def write_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
-    """Write ``img`` to ``path`` (``.nii.gz`` gzipped deterministically, or ``.nii``)."""
+    """Write ``img`` to ``path`` (``.nii.gz`` gzipped deterministically, or ``.nii``).
+
+    The header's ``scl_slope``/``scl_inter`` are kept as set (nibabel's array writer would
+    reset them for integer data that it does not scale itself).
+    """
     path = Path(path)
+    slope, inter = img.header["scl_slope"].item(), img.header["scl_inter"].item()
     raw = img.to_bytes()
+    hdr = nib.Nifti1Header.from_fileobj(BytesIO(raw))
+    if np.isfinite(slope) and slope not in (0.0, 1.0):
+        hdr["scl_slope"] = slope
+        hdr["scl_inter"] = inter if np.isfinite(inter) else 0.0
+        raw = hdr.binaryblock + raw[hdr.sizeof_hdr:]
     if path.name.endswith(".gz"):
         raw = gzip.compress(raw, compresslevel=6, mtime=0)
     return write_bytes(raw, path)

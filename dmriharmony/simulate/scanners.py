@@ -168,7 +168,7 @@ def shell_directions(n: int, rng: np.random.Generator) -> np.ndarray:
         return np.array([[1.0, 0.0, 0.0]])
     v = rng.normal(size=(n, 3))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    hemi, _ = disperse_charges(HemiSphere(xyz=v), 2000, const=0.05)
+    hemi, _ = disperse_charges(HemiSphere(xyz=v), 1000, const=0.05)
     d = hemi.vertices.copy()
     return d / np.linalg.norm(d, axis=1, keepdims=True)
 
@@ -210,8 +210,8 @@ def _make_protocol(site: Site) -> Protocol:
     if site.b0_position == "first" or site.n_b0 == 1:
         b0_at = np.arange(site.n_b0)
     else:
-        b0_at = np.round(np.linspace(0, n_dw + site.n_b0 - 1, site.n_b0)).astype(int)
-        b0_at[0] = 0
+        # one b0 every n / n_b0 volumes, the first at the start (CMRR-style interleaving)
+        b0_at = np.round(np.arange(site.n_b0) * (n_dw + site.n_b0) / site.n_b0).astype(int)
     n = n_dw + site.n_b0
     is_b0 = np.zeros(n, bool)
     is_b0[np.unique(b0_at)] = True
@@ -281,16 +281,16 @@ def sidecar(site: Site, *, slice_thickness: float, n_slices: int) -> dict:
 PRESETS: dict[str, Site] = {
     "ge": Site(
         name="ge", vendor="GE", model="DISCOVERY MR750", field_strength=3.0,
-        shells=(1000.0,), directions=(25,), n_b0=1, te_ms=82.0, tr_ms=8000.0,
-        voxel_size=(2.5, 2.5, 2.5), snr=22.0, signal_scale=1800.0, orientation="LAS",
+        shells=(1000.0,), directions=(20,), n_b0=1, te_ms=82.0, tr_ms=8000.0,
+        voxel_size=(2.5, 2.5, 2.5), snr=22.0, signal_scale=1200.0, orientation="LAS",
         zero_background=True, phase_encoding="j", total_readout_time=0.0512,
         echo_spacing=0.0008, serial="000000608555MR3", institution="GE site",
         software="27\\LX\\MR Software release:DV26.0_R03_1831.b", age_range=(20.0, 65.0)),
     "siemens": Site(
         name="siemens", vendor="Siemens", model="Prisma_fit", field_strength=3.0,
-        shells=(1000.0, 2000.0), directions=(15, 15), n_b0=3, b0_position="interleaved",
+        shells=(1000.0, 2000.0), directions=(12, 12), n_b0=2, b0_position="interleaved",
         b0_written=5.0, te_ms=89.0, tr_ms=7600.0, voxel_size=(2.5, 2.5, 2.5), snr=18.0,
-        signal_scale=420.0, orientation="LAS", angulation_deg=-8.0, phase_encoding="j-",
+        signal_scale=300.0, orientation="LAS", angulation_deg=-8.0, phase_encoding="j-",
         total_readout_time=0.0466, echo_spacing=0.00069, serial="167024",
         institution="Siemens site", software="syngo MR E11", age_range=(25.0, 70.0)),
     "philips": Site(

@@ -76,18 +76,33 @@ def base_microstructure(phantom: Phantom) -> Microstructure:
                           dep[b1].astype(float), dep[b2].astype(float))
 
 
+def _cones(ms: Microstructure, k: int) -> np.ndarray:
+    """Cached cone directions (n, 3, 3) float32 of population ``k`` of the phantom."""
+    ph = ms.phantom
+    key = f"cone{k}"
+    if key not in ph.extra:
+        bundle, dirs = (ph.bundle1, ph.dir1) if k == 0 else (ph.bundle2, ph.dir2)
+        theta = _PAR[np.maximum(bundle, 0), 3]
+        safe = np.where(np.linalg.norm(dirs, axis=1, keepdims=True) > 0, dirs, [[1.0, 0, 0]])
+        ph.extra[key] = cone_directions(safe, theta).astype(np.float32)
+    return ph.extra[key]
+
+
 def _populations(ms: Microstructure, sel: np.ndarray):
+    """Per fibre population: positions within ``sel`` where it is present, and its parameters."""
     ph = ms.phantom
     out = []
     for k, (bundle, dirs, fi, dep) in enumerate((
             (ph.bundle1, ph.dir1, ms.f_intra1, ms.d_extra_perp1),
             (ph.bundle2, ph.dir2, ms.f_intra2, ms.d_extra_perp2))):
         b = bundle[sel]
-        phi = ph.phi2[sel] if k == 1 else 1.0 - ph.phi2[sel]
-        vol = ph.f_wm[sel] * np.where(b >= 0, phi, 0.0)
-        par = _PAR[np.maximum(b, 0)]
-        out.append((vol, dirs[sel], fi[sel], par[:, 0], par[:, 1], par[:, 2], dep[sel],
-                    par[:, 3], par[:, 4], par[:, 5]))
+        at = np.flatnonzero((b >= 0) & (ph.f_wm[sel] > 0))
+        v = sel[at]
+        phi = ph.phi2[v] if k == 1 else 1.0 - ph.phi2[v]
+        vol = ph.f_wm[v] * phi
+        par = _PAR[b[at]]
+        out.append((at, vol, dirs[v], fi[v], par[:, 0], par[:, 1], par[:, 2], dep[v],
+                    par[:, 3], par[:, 4], par[:, 5], k, v))
     return out
 
 
@@ -114,25 +129,24 @@ def mixture_signal(ms: Microstructure, sel: np.ndarray, bvals: np.ndarray, gdirs
           (ph.f_csf[sel, None] * weights["csf"]) * e_csf[None]
     sig = sig.astype(dtype)
     b = bvals[None].astype(np.float32)
-    for vol, dirs, fi, dip, dipp, dep_par, dep, theta, fdot, ddot in _populations(ms, sel):
-        act = np.flatnonzero(vol > 0)
+    for (act, v, _dirs, fi, dip, dipp, dep_par, dep, _theta, fdot, ddot, k_pop,
+         vox) in _populations(ms, sel):
         if act.size == 0:
             continue
-        cone = cone_directions(dirs[act], theta[act]).astype(np.float32)
+        cone = _cones(ms, k_pop)[vox]
         g = gdirs.T.astype(np.float32)
-        dpi, dai = dipp[act, None].astype(np.float32), (dip - dipp)[act, None].astype(np.float32)
-        dpe, dae = dep[act, None].astype(np.float32), (dep_par - dep)[act, None].astype(np.float32)
+        dpi, dai = dipp[:, None].astype(np.float32), (dip - dipp)[:, None].astype(np.float32)
+        dpe, dae = dep[:, None].astype(np.float32), (dep_par - dep)[:, None].astype(np.float32)
         e_i = np.zeros((act.size, bvals.size), dtype=np.float32)
         e_e = np.zeros((act.size, bvals.size), dtype=np.float32)
         for k in range(3):
             c2 = (cone[:, k] @ g) ** 2
             e_i += np.exp(-b * (dpi + dai * c2))
             e_e += np.exp(-b * (dpe + dae * c2))
-        v = vol[act]
-        a_i = (v * (1.0 - fdot[act]) * fi[act] * weights["intra"] / 3.0)[:, None]
-        a_e = (v * (1.0 - fdot[act]) * (1.0 - fi[act]) * weights["extra"] / 3.0)[:, None]
-        a_d = (v * fdot[act] * weights["intra"])[:, None]
-        sig[act] += (a_i * e_i + a_e * e_e + a_d * np.exp(-bvals[None] * ddot[act, None])
+        a_i = (v * (1.0 - fdot) * fi * weights["intra"] / 3.0)[:, None]
+        a_e = (v * (1.0 - fdot) * (1.0 - fi) * weights["extra"] / 3.0)[:, None]
+        a_d = (v * fdot * weights["intra"])[:, None]
+        sig[act] += (a_i * e_i + a_e * e_e + a_d * np.exp(-bvals[None] * ddot[:, None])
                      ).astype(dtype)
     return sig
 
@@ -150,8 +164,9 @@ def d0_moments(ms: Microstructure, sel: np.ndarray,
     a_csf = ph.f_csf[sel] * weights["csf"]
     num = np.zeros((sel.size, 6))
     num[:, :3] = (a_gm * md_gm + a_csf * D_CSF)[:, None]
-    den = a_gm + a_csf
-    for vol, dirs, fi, dip, dipp, dep_par, dep, theta, fdot, ddot in _populations(ms, sel):
+    den = (a_gm + a_csf).astype(float)
+    for at, vol, dirs, fi, dip, dipp, dep_par, dep, theta, fdot, ddot, _k, _v in \
+            _populations(ms, sel):
         a_i = vol * (1.0 - fdot) * fi * weights["intra"]
         a_e = vol * (1.0 - fdot) * (1.0 - fi) * weights["extra"]
         a_d = vol * fdot * weights["intra"]
@@ -162,9 +177,7 @@ def d0_moments(ms: Microstructure, sel: np.ndarray,
         ani = a_i * (dip - dipp) + a_e * (dep_par - dep)
         iso = a_i * dipp + a_e * dep + ani * c_iso + a_d * ddot
         n = dirs
-        nn = np.stack([n[:, 0] ** 2, n[:, 1] ** 2, n[:, 2] ** 2, n[:, 0] * n[:, 1],
-                       n[:, 0] * n[:, 2], n[:, 1] * n[:, 2]], axis=1)
-        num[:, :3] += iso[:, None]
-        num += (ani * c_ani)[:, None] * nn
-        den = den + a_i + a_e + a_d
+        num[at, :3] += iso[:, None] + (ani * c_ani)[:, None] * n**2
+        num[at, 3:] += (ani * c_ani)[:, None] * (n[:, [0, 0, 1]] * n[:, [1, 2, 2]])
+        den[at] += a_i + a_e + a_d
     return num, den

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -61,13 +62,21 @@ def reference_weights() -> dict[str, float]:
 
 
 def template_arrays() -> dict[str, np.ndarray]:
-    """Compute the template arrays (fa, mask, tissue, labels) from the analytic phantom."""
+    """Compute the template arrays (fa, mask, tissue, labels) from the analytic phantom.
+
+    Cached: callers get copies.
+    """
+    return {k: v.copy() for k, v in _template_arrays().items()}
+
+
+@lru_cache(maxsize=1)
+def _template_arrays() -> dict[str, np.ndarray]:
     ph = build_phantom()
     fa = template_metrics(base_microstructure(ph), reference_weights())["fa"]
     nb = BLOCK**3
-    f_csf = _block_sum(ph.f_csf, ph) / nb
-    f_gm = _block_sum(ph.f_gm, ph) / nb
-    f_wm = _block_sum(ph.f_wm, ph) / nb
+    f_csf = _block_sum(ph.f_csf[:, None], ph)[..., 0] / nb
+    f_gm = _block_sum(ph.f_gm[:, None], ph)[..., 0] / nb
+    f_wm = _block_sum(ph.f_wm[:, None], ph)[..., 0] / nb
     brain = f_csf + f_gm + f_wm
     mask = brain >= 0.5
     tissue = np.argmax(np.stack([1.0 - brain, f_csf, f_gm, f_wm], axis=-1), axis=-1)
