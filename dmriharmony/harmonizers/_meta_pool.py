@@ -469,10 +469,14 @@ def pool(
         if neg.any():
             site, feat = np.argwhere(neg)[0]
             raise HarmonizationError(f"negative weight at site index {site}, feature {feat}")
-    m = 1.0 if m_bool.all() else m_bool.astype(float)
-    y = np.where(m_bool, y, 0.0)
-    v = np.where(m_bool, v, 1.0)
-    k = m_bool.sum(axis=0)
+    if m_bool.all():
+        m: Any = 1.0
+        k = np.full(y.shape[1], y.shape[0])
+    else:
+        m = m_bool.astype(float)
+        y = np.where(m_bool, y, 0.0)
+        v = np.where(m_bool, v, 1.0)
+        k = m_bool.sum(axis=0)
     kf = k.astype(float)
 
     tau2 = tau2_estimate(y, v, m, kf, method, tol=tol, maxiter=maxiter)
