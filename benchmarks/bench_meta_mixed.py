@@ -78,11 +78,13 @@ def bench_meta(p: int, k: int, rows: list[dict]) -> None:
     except ImportError:
         print("PyMARE not installed: peer skipped (pip install pymare)", file=sys.stderr)
         DerSimonianLaird = VarianceBasedLikelihoodEstimator = None  # noqa: N806
-    for method in ("REML", "DL"):
+    for method in ("REML", "ML", "DL", "PM"):
         t_ours, m_ours, res = measure(lambda m=method: meta.pool(y, v, method=m), repeat=3)
         row = {"task": f"meta.pool {method}, {p:,} features x {k} sites", "ours_s": t_ours,
                "ours_MiB": m_ours}
-        if VarianceBasedLikelihoodEstimator is not None:
+        if method == "PM":
+            row.update(peer="PyMARE has no Paule-Mandel")
+        elif VarianceBasedLikelihoodEstimator is not None:
             x = np.ones((k, 1))
 
             def peer(m: str = method, x: np.ndarray = x) -> Any:
@@ -111,7 +113,7 @@ def bench_mixed(p: int, n: int, n_sites: int, subset: int, slope: str | None,
     t_ours, m_ours, fit = measure(
         lambda: mixed.fit(data, feats, fixed=fixed, site="site", random_slope=slope,
                           progress=False), repeat=1)
-    label = "(1|site)" if slope is None else f"(1+{slope}|site)"
+    label = "(1 \\| site)" if slope is None else f"(1 + {slope} \\| site)"
     row = {"task": f"mixed.fit REML {label}, {p:,} features x {n} subjects x {n_sites} sites",
            "ours_s": t_ours, "ours_MiB": m_ours}
     try:

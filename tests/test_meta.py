@@ -298,3 +298,28 @@ def test_global_maximum_against_dense_grid(method: str) -> None:
     grid = np.concatenate([[0.0], np.geomspace(1e-5, 2.0, 600)])
     best = np.min([_neg2ll(yc, v, 1.0, t, method == "REML") for t in grid], axis=0)
     assert (ours <= best + 1e-9).all()
+
+
+def test_standardised_beta_equals_ols_on_z_scores() -> None:
+    """measure='beta': b sd(x) / sd(y) is the coefficient of the z-scored regression."""
+    table = _two_group_table(6)
+    eff = meta.site_effects(table, effect="age", covariates=["dx"], measure="beta",
+                            features=["FA"])
+    for s, grp in table.groupby("site"):
+        zs = (grp[["age", "FA"]] - grp[["age", "FA"]].mean()) / grp[["age", "FA"]].std()
+        dx = (grp.dx == "patient").to_numpy(float)
+        x = np.column_stack([np.ones(len(grp)), zs["age"], dx])
+        coef, *_ = np.linalg.lstsq(x, zs["FA"].to_numpy(), rcond=None)
+        row = eff[eff.site == s].iloc[0]
+        np.testing.assert_allclose(row["yi"], coef[1], rtol=1e-10)
+        resid = zs["FA"].to_numpy() - x @ coef
+        se = np.sqrt(resid @ resid / (len(grp) - 3) * np.linalg.inv(x.T @ x)[1, 1])
+        np.testing.assert_allclose(row["sei"], se, rtol=1e-10)
+
+
+def test_effects_to_arrays_pivot() -> None:
+    table = _two_group_table(7, n_sites=3)
+    eff = meta.site_effects(table, effect="dx", features=["FA", "MD"])
+    yi, sites, feats = meta.effects_to_arrays(eff)
+    assert yi.shape == (3, 2) and sites == ["S0", "S1", "S2"] and feats == ["FA", "MD"]
+    assert yi[1, 1] == eff[(eff.site == "S1") & (eff.feature == "MD")]["yi"].iloc[0]
