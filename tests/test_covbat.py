@@ -95,3 +95,19 @@ def test_missing_values_named():
         CovBat().fit(df, sites, cov)
     with pytest.raises(HarmonizationError, match="n_pc"):
         CovBat(n_pc=99).fit(np.nan_to_num(X), sites, cov)
+
+
+@pytest.mark.parametrize("block", [64, 8192])
+def test_more_features_than_subjects_blockwise(monkeypatch, block):
+    """The dual (Gram-matrix) PCA path, computed by feature blocks, equals the R algorithm."""
+    import dmriharmony.harmonizers.covbat as covbat_module
+
+    monkeypatch.setattr(covbat_module, "_BLOCK", block)
+    X, sites, cov = make_data(n_per=(20, 25, 15), p=200, seed=11)
+    ref, npc = r_covbat(X, sites, cov, percent_var=0.8)
+    model = CovBat(percent_var=0.8)
+    ours = model.fit_transform(X, sites, cov)
+    assert model.n_pc_ == npc
+    assert np.abs(ours - ref).max() < 1e-6
+    with pytest.raises(HarmonizationError, match="rank"):
+        CovBat(n_pc=60).fit(X, sites, cov)  # 60 subjects: centred residuals have rank <= 59

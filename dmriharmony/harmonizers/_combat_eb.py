@@ -13,6 +13,7 @@ import logging
 import warnings
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dmriharmony.errors import HarmonizationError
 
@@ -223,7 +224,10 @@ def nonparametric_eb(
 
     acc_all = np.zeros((F, 3))
     skipped = 0
-    for i0 in range(0, F, chunk):
+    starts = range(0, F, chunk)
+    show = F * F >= _TORCH_MIN_PAIRS
+    for i0 in tqdm(starts, desc="non-parametric EB", unit="chunk", disable=None if show else True,
+                   leave=False):
         i1 = min(i0 + chunk, F)
         rows = np.arange(i0, i1)
         n_c, m_c, s_c = ni[rows, None], mi[rows, None], si[rows, None]

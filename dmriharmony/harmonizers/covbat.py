@@ -126,15 +126,34 @@ class CovBat:
         )
         combat.fit(X, sites, covariates)
         self.combat_ = combat
-        resid, _, _ = self._residuals(X, Xa, sites, covariates)
-        center = resid.mean(axis=0)
-        if self.std_var:
-            scale = resid.std(axis=0, ddof=1)
-            scale[~(scale > 0)] = 1.0
-        else:
-            scale = np.ones(resid.shape[1])
-        Z = (resid - center) / scale
-        eigval, basis, dual = _pca(Z)
+        n = Xa.shape[0]
+        Y = np.asarray(combat.transform(Xa, sites, covariates), dtype=float)
+        C = _encode(combat.encoder_, covariates, n, False)
+        cols = np.flatnonzero(combat.adjusted_)
+        f = cols.shape[0]
+        center = np.empty(f)
+        scale = np.ones(f)
+        dual = n <= f
+        G = np.zeros((n, n) if dual else (f, f))
+        Zfull = None if dual else np.empty((n, f))
+        # pass 1: residual centre/scale per feature, and the Gram matrix (by feature blocks)
+        for J in _blocks(f):
+            R = self._resid_block(Y, C, cols[J])
+            center[J] = R.mean(axis=0)
+            if self.std_var:
+                sd = R.std(axis=0, ddof=1)
+                scale[J] = np.where(sd > 0, sd, 1.0)
+            R -= center[J]
+            R /= scale[J]
+            if dual:
+                G += R @ R.T
+            else:
+                Zfull[:, J] = R
+        if not dual:
+            G = Zfull.T @ Zfull
+        w, basis = np.linalg.eigh(G)
+        order = np.argsort(w)[::-1]
+        eigval, basis = np.clip(w[order], 0.0, None), basis[:, order]
         ratio = eigval / np.sum(eigval)
         if self.n_pc is not None:
             npc = int(self.n_pc)
@@ -144,45 +163,79 @@ class CovBat:
                 )
         else:
             npc = int(np.argmax(np.cumsum(ratio) > float(self.percent_var) - 1e-12)) + 1
-        V = _loadings(Z, eigval, basis, dual, npc)
-        scores = Z @ V.T
-        labels = as_site_labels(sites, Xa.shape[0])
+        sv = np.sqrt(eigval)
+        rank = int(np.sum(sv > 1e-6 * sv[0]))
+        if npc > rank:
+            raise HarmonizationError(
+                f"CovBat: {npc} principal components requested but the residuals have numerical"
+                f" rank {rank}; lower n_pc or percent_var"
+            )
+        self.center_, self.scale_ = center, scale
+        if dual:
+            # Z = U S V': V_k = Z' u_k / s_k (pass 2), scores = U_k s_k
+            V = np.empty((npc, f))
+            Uk = basis[:, :npc]
+            for J in _blocks(f):
+                V[:, J] = (Uk.T @ self._z_block(Y, C, cols[J], J)) / sv[:npc, None]
+            scores = Uk * sv[:npc]
+        else:
+            V = basis[:, :npc].T.copy()
+            scores = Zfull @ V.T
+        labels = as_site_labels(sites, n)
         self.score_combat_ = ComBat(
             self.score_parametric, False, None, self.score_eb, conv=self.conv, engine=self.engine
         ).fit(scores, labels)
-        self.center_, self.scale_, self.components_ = center, scale, V
+        self.components_ = V
         self.explained_variance_ratio_ = ratio
         self.n_pc_ = npc
         return self
 
-    def _residuals(
-        self, X: Any, Xa: np.ndarray, sites: Any, covariates: pd.DataFrame | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ComBat output, its residuals on the adjusted features and the model mean."""
+    def _resid_block(self, Y: np.ndarray, C: np.ndarray, cj: np.ndarray) -> np.ndarray:
+        """ComBat residuals ``y* - alpha - x'beta`` of the features ``cj`` (a new array)."""
         combat = self.combat_
-        Y = np.asarray(combat.transform(Xa, sites, covariates), dtype=float)
-        cols = np.flatnonzero(combat.adjusted_)
-        C = _encode(combat.encoder_, covariates, Xa.shape[0], False)
-        mean = C @ combat.beta_[:, cols] + combat.grand_mean_[cols]
-        return Y[:, cols] - mean, mean, Y
+        R = Y[:, cj]
+        R -= C @ combat.beta_[:, cj]
+        R -= combat.grand_mean_[cj]
+        return R
+
+    def _z_block(self, Y: np.ndarray, C: np.ndarray, cj: np.ndarray, J: slice) -> np.ndarray:
+        """Centred and scaled residuals of the features ``cj`` (PCA input)."""
+        R = self._resid_block(Y, C, cj)
+        R -= self.center_[J]
+        R /= self.scale_[J]
+        return R
 
     def transform(self, X: Any, sites: Any, covariates: pd.DataFrame | None = None) -> Any:
-        """Harmonize subjects of the training sites (their own covariates are used)."""
+        """Harmonize subjects of the training sites (their own covariates are used).
+
+        Works by feature blocks: memory is the output plus the loadings plus one block.
+        """
         if not hasattr(self, "components_"):
             raise HarmonizationError("this CovBat is not fitted yet; call fit()")
         Xa, _ = as_feature_matrix(X)
         _check_complete(Xa, X)
-        resid, mean, Y = self._residuals(X, Xa, sites, covariates)
-        Z = (resid - self.center_) / self.scale_
-        scores = Z @ self.components_.T
-        labels = as_site_labels(sites, Xa.shape[0])
-        new = np.asarray(self.score_combat_.transform(scores, labels), dtype=float)
-        Z += (new - scores) @ self.components_
-        out = Y.copy()
-        out[:, np.flatnonzero(self.combat_.adjusted_)] = Z * self.scale_ + self.center_ + mean
+        n = Xa.shape[0]
+        Y = np.asarray(self.combat_.transform(Xa, sites, covariates), dtype=float)
+        C = _encode(self.combat_.encoder_, covariates, n, False)
+        cols = np.flatnonzero(self.combat_.adjusted_)
+        V = self.components_
+        scores = np.zeros((n, V.shape[0]))
+        for J in _blocks(cols.shape[0]):
+            scores += self._z_block(Y, C, cols[J], J) @ V[:, J].T
+        labels = as_site_labels(sites, n)
+        change = np.asarray(self.score_combat_.transform(scores, labels), dtype=float) - scores
+        for J in _blocks(cols.shape[0]):
+            cj = cols[J]
+            Z = self._z_block(Y, C, cj, J)
+            Z += change @ V[:, J]
+            Z *= self.scale_[J]
+            Z += self.center_[J]
+            Z += C @ self.combat_.beta_[:, cj]
+            Z += self.combat_.grand_mean_[cj]
+            Y[:, cj] = Z
         if isinstance(X, pd.DataFrame):
-            return pd.DataFrame(out, index=X.index, columns=X.columns)
-        return out
+            return pd.DataFrame(Y, index=X.index, columns=X.columns)
+        return Y
 
     def fit_transform(self, X: Any, sites: Any, covariates: pd.DataFrame | None = None) -> Any:
         """Fit, then harmonize the training data."""
@@ -223,39 +276,12 @@ class CovBat:
         return "CovBat(" + ", ".join(f"{k}={v!r}" for k, v in self._params().items()) + ")"
 
 
-def _pca(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Eigenvalues (descending) of the centred data's Gram matrix, by the smaller side.
-
-    With ``n <= p`` the ``n x n`` matrix ``Z Z'`` is decomposed (cost ``n^2 p`` in one matrix
-    product, instead of an SVD of the ``n x p`` matrix) and ``dual`` is True; otherwise the
-    ``p x p`` matrix ``Z'Z``. The squared singular values of ``Z`` are the eigenvalues.
-    """
-    n, p = Z.shape
-    dual = n <= p
-    G = Z @ Z.T if dual else Z.T @ Z
-    w, U = np.linalg.eigh(G)
-    order = np.argsort(w)[::-1]
-    return np.clip(w[order], 0.0, None), U[:, order], dual
+_BLOCK = 8192
 
 
-def _loadings(
-    Z: np.ndarray, eigval: np.ndarray, basis: np.ndarray, dual: bool, k: int
-) -> np.ndarray:
-    """First ``k`` principal axes (rows, orthonormal): ``V_k = Z' u_k / s_k`` in the dual case.
-
-    Components with singular value below 1e-6 of the largest are numerically null (the
-    centred residuals have rank at most n - 1) and cannot be requested.
-    """
-    sv = np.sqrt(eigval)
-    rank = int(np.sum(sv > 1e-6 * sv[0]))
-    if k > rank:
-        raise HarmonizationError(
-            f"CovBat: {k} principal components requested but the residuals have numerical rank"
-            f" {rank}; lower n_pc or percent_var"
-        )
-    if not dual:
-        return basis[:, :k].T.copy()
-    return ((Z.T @ basis[:, :k]) / sv[:k]).T
+def _blocks(f: int) -> list[slice]:
+    """Feature blocks of at most ``_BLOCK`` columns."""
+    return [slice(j, min(j + _BLOCK, f)) for j in range(0, f, _BLOCK)]
 
 
 def _check_complete(Xa: np.ndarray, X: Any) -> None:
