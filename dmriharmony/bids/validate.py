@@ -48,7 +48,9 @@ def validate_inputs(inputs: list[DTIInput], *, check_values: bool = True,
     requirement, which applies to the concatenated series. Each input must also keep at least
     6 diffusion-weighted volumes at rounded b <= ``bmax`` (a tensor has 6 unknowns besides S0).
     """
-    for item in tqdm(inputs, desc="validating DWI runs", unit="input", disable=len(inputs) < 5,
+    # progress only on a terminal (disable=None) and for more than a handful of runs
+    for item in tqdm(inputs, desc="validating DWI runs", unit="input",
+                     disable=True if len(inputs) < 5 else None,
                      leave=False):
         if not item.merged:
             LOGGER.debug("validating %s", item.runs[0].dwi)

@@ -164,7 +164,7 @@ def fit_tensor(
     step = max(int(chunk_voxels), 1)
     starts = range(0, n_vox, step)
     for start in tqdm(starts, desc=f"tensor fit ({key})", unit="chunk",
-                      disable=len(starts) < 4, leave=False):
+                      disable=True if len(starts) < 4 else None, leave=False):
         sl = slice(start, start + step)
         # log-linear fits need positive signal
         chunk = np.clip(np.asarray(signal[sl], np.float64), 1e-6, None)
