@@ -73,7 +73,9 @@ def test_removes_site_specific_covariance():
 
 def test_transform_new_subjects_and_roundtrip(tmp_path):
     X, sites, cov = make_data(p=15)
+    assert not hasattr(CovBat(), "gamma_star_")
     model = CovBat().fit(X, sites, cov)
+    np.testing.assert_array_equal(model.gamma_star_, model.combat_.gamma_star_)
     full = model.transform(X, sites, cov)
     idx = np.arange(0, len(sites), 7)
     part = model.transform(X[idx], sites[idx], cov.iloc[idx].reset_index(drop=True))

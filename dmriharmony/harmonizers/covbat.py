@@ -272,6 +272,31 @@ class CovBat:
         obj.n_pc_ = int(meta["n_pc"])
         return obj
 
+    # the first (ComBat) step's site estimates, for reports
+    @property
+    def sites_(self) -> np.ndarray:
+        return self.combat_.sites_
+
+    @property
+    def adjusted_(self) -> np.ndarray:
+        return self.combat_.adjusted_
+
+    @property
+    def gamma_hat_(self) -> np.ndarray:
+        return self.combat_.gamma_hat_
+
+    @property
+    def delta_hat_(self) -> np.ndarray:
+        return self.combat_.delta_hat_
+
+    @property
+    def gamma_star_(self) -> np.ndarray:
+        return self.combat_.gamma_star_
+
+    @property
+    def delta_star_(self) -> np.ndarray:
+        return self.combat_.delta_star_
+
     def __repr__(self) -> str:
         return "CovBat(" + ", ".join(f"{k}={v!r}" for k, v in self._params().items()) + ")"
 
