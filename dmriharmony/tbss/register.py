@@ -60,7 +60,7 @@ class RegistrationConfig:
 
     affine_iters: list[int] = field(default_factory=lambda: [200, 100])
     affine_factors: list[int] = field(default_factory=lambda: [4, 2])
-    affine_sigmas: list[float] = field(default_factory=lambda: [2.0, 1.0])
+    affine_sigmas: list[float] = field(default_factory=lambda: [3.0, 1.0])
     nbins: int = 32
     sampling_proportion: float | None = None
     syn_iters: list[int] = field(default_factory=lambda: [30, 20, 5])
