@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -90,3 +95,30 @@ def validate_runs(runs: list[DWIRun], *, check_values: bool = True) -> None:
     """Check runs one by one (each must stand alone: own b=0 volume)."""
     for run in runs:
         validate_run(run, check_values=check_values)
+
+
+def bids_validator_errors(path: str | Path, *, timeout: float = 300.0) -> list[dict]:
+    """Errors (not warnings) the official BIDS validator reports for the dataset at ``path``.
+
+    Runs ``bids-validator-deno`` (PyPI package of the same name, the validator compiled with
+    Deno; works offline with its bundled schema) with ``--format json``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``bids-validator-deno`` is not installed.
+    RuntimeError
+        If its output cannot be read.
+    """
+    exe = Path(sys.executable).parent / "bids-validator-deno"
+    found = str(exe) if exe.exists() else shutil.which("bids-validator-deno")
+    if not found:
+        raise FileNotFoundError("bids-validator-deno not found (pip install bids-validator-deno)")
+    proc = subprocess.run([found, str(path), "--format", "json"], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    try:
+        report = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"{path}: unreadable validator output "
+                           f"({proc.stdout[:300]!r} {proc.stderr[:300]!r})") from None
+    return [i for i in report["issues"]["issues"] if i.get("severity") == "error"]
