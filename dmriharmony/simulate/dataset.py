@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dmriharmony.errors import SimulationError
 from dmriharmony.simulate import io
 from dmriharmony.simulate.acquire import render_scan
-from dmriharmony.simulate.anatomy import LABELS, build_phantom, template_affine
+from dmriharmony.simulate.anatomy import BUNDLE_NAMES, LABELS, build_phantom, template_affine
 from dmriharmony.simulate.groundtruth import (
     METRICS,
     roi_means,
@@ -246,7 +246,7 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
                           "traveling": "yes" if subj.traveling else "no"})
         subj_rows.append({"participant_id": sub, "site": subj.site or "n/a", "age": subj.age,
                           "sex": subj.sex, "dx": subj.dx, "offset_global": subj.offset_global,
-                          **{f"offset_{n}": v for n, v in zip(_bundle_names(),
+                          **{f"offset_{n}": v for n, v in zip(BUNDLE_NAMES,
                                                               subj.offset_bundle)}})
     bar.close()
     participants = pd.DataFrame(part_rows).sort_values("participant_id")
@@ -263,12 +263,6 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
     io.write_json(_derivative_description(seed), gt_root / "dataset_description.json")
     log.info("simulated %d scans of %d subjects in %s", n_scans, len(plan), out)
     return out
-
-
-def _bundle_names() -> list[str]:
-    from dmriharmony.simulate.anatomy import BUNDLE_NAMES
-
-    return list(BUNDLE_NAMES)
 
 
 def _matrix_text(m: np.ndarray) -> str:
@@ -371,6 +365,12 @@ def _effects_description(effects: EffectModel, sites: list[Site]) -> dict:
                        "'baseline' is the control value at the reference age.",
         "Units": {"fa": "1", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s"},
         "EffectModel": effects.to_dict(),
+        "CohensD_intra_fraction": {
+            "Description": "Tissue-level standardized diagnosis effect in dx_rois: dx_f over the "
+                           "between-subject SD of f_intra at fixed age and sex, "
+                           "sqrt(sd_global^2 + sd_bundle^2) (scan noise not included).",
+            "Value": effects.dx_f / float(np.hypot(effects.sd_global, effects.sd_bundle)),
+        },
         "Sites": [s.to_dict() for s in sites],
         "Labels": {str(k): v[0] for k, v in sorted(LABELS.items())},
     }

@@ -274,8 +274,20 @@ def sidecar(site: Site, *, slice_thickness: float, n_slices: int) -> dict:
         times = np.empty(n_slices)
         times[order] = np.arange(n_slices) * (site.tr_ms / 1000.0) / n_slices
         d["SliceTiming"] = [round(float(t), 4) for t in times]
+    d.update(_VENDOR_SIDECAR[site.vendor])
     d.update(site.extra_sidecar)
     return d
+
+
+#: Vendor-typical sequence and coil names (as dcm2niix copies them from the DICOM headers).
+_VENDOR_SIDECAR = {
+    "GE": {"PulseSequenceType": "Spin-echo EPI", "SequenceName": "epi2",
+           "ReceiveCoilName": "8HRBRAIN"},
+    "Siemens": {"PulseSequenceType": "Spin-echo EPI", "SequenceName": "ep_b0",
+                "ReceiveCoilName": "HeadNeck_64"},
+    "Philips": {"PulseSequenceType": "Spin-echo EPI", "SequenceName": "DwiSE",
+                "ReceiveCoilName": "SENSE-Head-8"},
+}
 
 
 PRESETS: dict[str, Site] = {
