@@ -9,9 +9,9 @@ feature is evaluated from per-site sufficient statistics (:mod:`._mixed_stats`,
 :mod:`._mixed_lik`), so a fit costs ``O(sites x q^2)`` per feature and evaluation, and all features
 are optimised together (:mod:`._mixed_opt`) - no loop over features, no statsmodels.
 
-This is the ENIGMA mega-analysis model (e.g. Kochunov et al. 2020, Hum Brain Mapp; Villalon-Reina
-et al. 2020): effects of a term are reported as coefficients, t and p, and Cohen's d from the t
-statistic.
+This is the model of ENIGMA-DTI mega-analyses (pooled subjects, site as a random intercept; e.g.
+Kochunov et al. 2020, Hum Brain Mapp): effects of a term are reported as coefficients, t and p,
+and Cohen's d from the t statistic (:meth:`MixedFit.d`).
 
 >>> from dmriharmony.harmonizers import mixed
 >>> fit = mixed.fit(table, features, fixed="age + sex + dx", site="site", reml=True)
@@ -204,16 +204,19 @@ def _fit_block(
     a_ri = np.maximum(th1, 0.05)
     starts = [(a_ri, 0.0, 0.1), (np.full(p, 0.02), 0.0, 0.3), (a_ri, -0.3, 0.02),
               (a_ri, 0.3, 0.02)]
-    x, f = None, None
-    for a0, b0, c0 in starts:
-        x0 = np.column_stack([a0, np.full(p, b0), np.full(p, c0)])
-        xs, fs, _ = nelder_mead(f3, x0, np.array([0.25, 0.25, 0.25]), lower, ftol=1e-5,
-                                xtol=1e-3)
-        if x is None:
-            x, f = xs, fs
-        else:
-            better = fs < f
-            x, f = np.where(better[:, None], xs, x), np.where(better, fs, f)
+    # All starts run as one stacked problem set (problem i is feature i % p).
+    x0 = np.concatenate(
+        [np.column_stack([a0, np.full(p, b0), np.full(p, c0)]) for a0, b0, c0 in starts]
+    )
+
+    def f3_stacked(th: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return f3(th, idx % p)
+
+    xs, fs, _ = nelder_mead(f3_stacked, x0, np.array([0.25, 0.25, 0.25]), lower, ftol=1e-5,
+                            xtol=1e-3)
+    pick = np.argmin(fs.reshape(len(starts), p), axis=0)
+    x = xs.reshape(len(starts), p, 3)[pick, np.arange(p)]
+    f = fs.reshape(len(starts), p)[pick, np.arange(p)]
     step = 0.02 * (np.abs(x) + 0.05)
     x2, f2, conv = nelder_mead(f3, x, step, lower, ftol=1e-10, xtol=1e-7)
     better = f2 <= f
