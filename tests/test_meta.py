@@ -233,6 +233,10 @@ def test_site_effects_validation_and_skips() -> None:
     with pytest.warns(UserWarning, match="site 'S2' dropped"):
         eff = meta.site_effects(one, effect="dx", features=["FA"])
     assert "S2" not in set(eff.site)
+    tiny = pd.concat([table, table.iloc[:1].assign(site="S9")], ignore_index=True)
+    with pytest.warns(UserWarning, match="site 'S9' dropped: 1 subject"):
+        eff = meta.site_effects(tiny, effect="dx", features=["FA"])
+    assert "S9" not in set(eff.site)
     bad = table.copy()
     bad.loc[3, "age"] = np.nan
     with pytest.raises(HarmonizationError, match="'age'.*row 3"):

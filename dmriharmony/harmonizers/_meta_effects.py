@@ -217,8 +217,12 @@ def site_effects(
     rows = []
     for s in pd.unique(sites):
         idx = np.flatnonzero(sites == s)
-        if idx.size < 2:
-            raise HarmonizationError(f"site {s!r} has {idx.size} subject; at least 2 are needed")
+        if idx.size < 3:
+            warnings.warn(
+                f"site {s!r} dropped: {idx.size} subject(s), too few for a per-site model",
+                stacklevel=2,
+            )
+            continue
         e = eff_codes[idx]
         if np.ptp(e) == 0:
             warnings.warn(

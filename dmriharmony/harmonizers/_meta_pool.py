@@ -370,6 +370,9 @@ def _tau2_likelihood(y, v, m, k, reml: bool, tol: float, maxiter: int):
     return tau2
 
 
+_BLOCK = 4096
+
+
 def tau2_estimate(
     y: np.ndarray, v: np.ndarray, m: np.ndarray, k: np.ndarray, method: str,
     tol: float | None = None, maxiter: int = 1000,
@@ -383,11 +386,18 @@ def tau2_estimate(
         return _tau2_he(y, v, m, k)
     if method == "SJ":
         return _tau2_sj(y, v, m, k)
-    if method == "PM":
-        return _tau2_pm(y, v, m, k, tol, maxiter)
-    if method in ("ML", "REML"):
-        tol = 1e-12 if tol is None else tol
-        return _tau2_likelihood(y, v, m, k, method == "REML", tol, maxiter)
+    if method in ("PM", "ML", "REML"):
+        # Iterative estimators run on blocks of features small enough to stay in the CPU cache.
+        out = np.empty(y.shape[1])
+        for i in range(0, y.shape[1], _BLOCK):
+            sl = slice(i, i + _BLOCK)
+            args = (y[:, sl], v[:, sl], m if np.ndim(m) == 0 else m[:, sl], k[sl])
+            if method == "PM":
+                out[sl] = _tau2_pm(*args, tol, maxiter)
+            else:
+                tol_l = 1e-12 if tol is None else tol
+                out[sl] = _tau2_likelihood(*args, method == "REML", tol_l, maxiter)
+        return out
     raise HarmonizationError(f"unknown method {method!r}; choose one of {', '.join(TAU2_METHODS)}")
 
 
