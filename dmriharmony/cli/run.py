@@ -259,7 +259,9 @@ def run_participant(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"dmriharmony: error: {message}", file=sys.stderr)
+    """Print the one-line error (newlines folded) and return ``code``."""
+    text = " ".join(str(message).split())
+    print(f"dmriharmony: error: {text}", file=sys.stderr)
     return code
 
 
