@@ -2,8 +2,9 @@
 
 Three tables, one run:
 
-1. **Signal engine vs peer.** The same white-matter voxels (seven Gaussian compartments each:
-   intra/extra zeppelins on a three-direction dispersion cone plus a slow isotropic pool)
+1. **Signal engine vs peer.** The same white-matter voxels (ten Gaussian compartments each:
+   intra/extra zeppelins on a three-direction dispersion cone, a slow isotropic pool, and the
+   partial-volume grey-matter pools and CSF)
    computed by ``dmriharmony.simulate.signal.mixture_signal`` (vectorised over voxels) and by
    DIPY's ``dipy.sims.voxel.multi_tensor`` (the peer, one call per voxel). Time, peak memory
    (``tracemalloc``), and the largest relative difference.
@@ -42,7 +43,7 @@ from dipy.sims.voxel import multi_tensor
 from dmriharmony.simulate import load_phantom_template, load_scan_transform, resample_to_scan
 from dmriharmony.simulate.anatomy import BUNDLE_NAMES, build_phantom, bundle_params
 from dmriharmony.simulate.signal import _cones, base_microstructure, mixture_signal
-from dmriharmony.simulate.tissue import compartment_weights, relaxation_at
+from dmriharmony.simulate.tissue import D_CSF, GM_POOLS, compartment_weights, relaxation_at
 
 SITES = ("ge", "siemens", "philips")
 
@@ -90,6 +91,15 @@ def bench_signal(n_vox: int) -> list[dict]:
         mevals.append((p.d_dot,) * 3)
         angles.append((0.0, 0.0))
         frac.append(p.f_dot * w["intra"])
+        frac = [f * ph.f_wm[v] for f in frac]
+        # partial volume with grey matter (two pools) and CSF, as isotropic tensors
+        for pf, d in GM_POOLS:
+            mevals.append((d,) * 3)
+            angles.append((0.0, 0.0))
+            frac.append(ph.f_gm[v] * w["gm"] * pf)
+        mevals.append((D_CSF,) * 3)
+        angles.append((0.0, 0.0))
+        frac.append(ph.f_csf[v] * w["csf"])
         s0 = sum(frac)
         ref[i], _ = multi_tensor(gtab, np.array(mevals), S0=s0, angles=angles,
                                  fractions=100 * np.array(frac) / s0, snr=None)
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{platform.python_version()}, load average {' '.join(load)} at start.", ""]
     rows = bench_signal(args.voxels)
     lines += [f"### 1. Signal engine vs DIPY multi_tensor ({args.voxels} WM voxels, 65 volumes, "
-              "7 compartments)", "",
+              "10 compartments)", "",
               "| implementation | time (s) | speed-up | peak memory (MB) | max rel. difference |",
               "|---|---|---|---|---|"]
     for r in rows:

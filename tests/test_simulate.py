@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -37,6 +38,7 @@ from dmriharmony.simulate.tissue import (
     tensor_metrics,
 )
 from dmriharmony.simulate.transforms import (
+    Warp,
     random_anatomy_affine,
     random_warp,
     rotation_part,
@@ -163,7 +165,7 @@ def test_cone_second_moment_is_axisymmetric():
 def test_mixture_signal_matches_dipy_multi_tensor(phantom):
     """A pure-WM voxel equals DIPY's multi_tensor with the same seven Gaussian compartments."""
     ms = base_microstructure(phantom)
-    v = int(np.flatnonzero((phantom.bundle1 == BUNDLE_INDEX["SLF-L"]) & (phantom.f_wm > 0.999)
+    v = int(np.flatnonzero((phantom.bundle1 == BUNDLE_INDEX["SLF-L"]) & (phantom.f_wm == 1.0)
                            & (phantom.phi2 == 0))[0])
     p = bundle_params("SLF-L")
     fi = ms.f_intra1[v]
@@ -327,8 +329,6 @@ def test_acquisition_grid_orientation_and_bvec_convention(phantom):
     ms = base_microstructure(phantom)
     site = PRESETS["philips"].with_(voxel_size=(4.0, 4.0, 4.0))
     scan = render_scan(phantom, ms, site, aff, None, rng, noise=False)
-    import nibabel as nib
-
     assert nib.aff2axcodes(scan.affine) == ("R", "A", "S")
     assert np.linalg.det(scan.affine[:3, :3]) > 0
     # FSL convention: neurological storage -> x flipped relative to the voxel frame
@@ -381,6 +381,10 @@ def test_transform_rotation_and_inverse_consistency():
                     for e in np.eye(3)], axis=2)
     det = np.linalg.det(jac) / np.linalg.det(a[:3, :3])
     assert det.min() > 0.5 and det.max() < 1.5
+    # the written warp is exactly the one the simulation used
+    back = Warp.from_image(nib.Nifti1Image.from_bytes(warp.to_image().to_bytes()))
+    np.testing.assert_array_equal(back.field, warp.field)
+    np.testing.assert_array_equal(back.affine, warp.affine)
 
 
 def test_template_error_when_files_missing(tmp_path):

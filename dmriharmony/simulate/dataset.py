@@ -10,9 +10,16 @@ has one session per site, the way traveling-subject studies are shared)::
     OUT/derivatives/groundtruth/
         dataset_description.json  effects.tsv/.json  roi_groundtruth.tsv  subjects.tsv
         tpl-phantom/  (the template the space-phantom maps live on)
-        sub-X/xfm/sub-X_from-anat_to-phantom_desc-warp_xfm.nii.gz   (per subject)
+        sub-X/xfm/sub-X_from-anat_to-phantom_desc-warp_xfm.nii.gz   (per subject: d)
+        sub-X/xfm/sub-X_from-anat_to-phantom_desc-affine_xfm.txt    (subject anatomy affine)
+        sub-X/ses-Y/xfm/sub-X_ses-Y_from-scanner_to-anat_xfm.txt     (head pose of the session)
         sub-X/ses-Y/xfm/sub-X_ses-Y_from-scanner_to-phantom_desc-affine_xfm.txt/.json
+                                                   (A = anatomy affine @ head pose)
         sub-X/ses-Y/dwi/sub-X_ses-Y_space-phantom_model-tensor_param-<fa|md|ad|rd>_dwimap.nii.gz
+        sub-X/ses-Y/dwi/sub-X_ses-Y_model-tensor_param-<m>_dwimap.nii.gz  (native_groundtruth)
+
+The transform of a scan maps scanner mm to template mm: ``y = A x``, ``T(x) = y + d(y)``
+(:func:`dmriharmony.simulate.transforms.scanner_to_template`).
 
 Random streams are keyed by (seed, subject, purpose), so a subject is the same whichever other
 subjects or sites are simulated, and the same seed gives byte-identical files.

@@ -78,7 +78,8 @@ def random_warp(rng: np.random.Generator, amplitude_mm: float = 1.5) -> Warp:
     f = rng.normal(size=shape + (3,))
     f = np.stack([gaussian_filter(f[..., c], 1.5, mode="constant") for c in range(3)], axis=-1)
     f *= amplitude_mm / max(float(f.std()), 1e-12)
-    return Warp(f, aff)
+    # the simulation uses exactly the float32 values that are written to the warp file
+    return Warp(f.astype(np.float32).astype(np.float64), aff)
 
 
 def random_anatomy_affine(rng: np.random.Generator, *, rotation_deg: float = 5.0,
