@@ -48,7 +48,10 @@ Johnson WE, Li C, Rabinovic A. Adjusting batch effects in microarray expression 
 empirical Bayes methods. Biostatistics 8(1):118-127, 2007.
 Fortin J-P et al. Harmonization of multi-site diffusion tensor imaging data. NeuroImage 161:
 149-170, 2017.
-Zhang Y, Parmigiani G, Johnson WE. ComBat-seq / reference-batch ComBat (``ref.batch``), 2018.
+Zhang Y, Jenkins DF, Manimaran S, Johnson WE. Alternative empirical Bayes models for adjusting
+for batch effects in genomic studies. BMC Bioinformatics 19:262, 2018 (reference-batch ComBat,
+sva ``ref.batch``).
+Leek JT et al. sva: Surrogate Variable Analysis, Bioconductor R package (``ComBat``).
 """
 
 from __future__ import annotations
