@@ -445,7 +445,7 @@ def _satterthwaite(st: SiteStats, theta: np.ndarray, s2: np.ndarray, reml: bool)
     asymptotic covariance of ``phi`` (``H`` the Hessian of the unprofiled deviance -2 l(phi),
     by central differences) and ``g`` the gradient of ``var(beta_j) = [sigma^2 M(gamma)^-1]_jj``
     in ``phi``, ``df_j = 2 var(beta_j)^2 / (g' A g)`` (Kuznetsova et al. 2017, eq. 7-8; Giesbrecht
-    & Burns 1985).
+    & Burns 1985). Features whose site variance is 0 (boundary) get the residual df ``N - q``.
     """
     q = st.xx.shape[-1]
 
@@ -481,7 +481,12 @@ def _satterthwaite(st: SiteStats, theta: np.ndarray, s2: np.ndarray, reml: bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         acov = 2.0 * np.linalg.pinv(hess)
         denom = np.einsum("pij,pik,pjk->pk", acov, grad, grad)
-        return 2.0 * v0**2 / denom
+        out = 2.0 * v0**2 / denom
+    # A zero site variance (boundary fit) reduces the model to OLS: residual df N - q.
+    boundary = theta <= 1e-6
+    resid_df = np.broadcast_to((st.nobs - q)[:, None], out.shape)
+    out[boundary] = resid_df[boundary]
+    return out
 
 
 def _profiled_const(rss: np.ndarray, n_terms: np.ndarray) -> np.ndarray:
