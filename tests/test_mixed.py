@@ -295,3 +295,16 @@ def test_random_slope_global_optimum_near_singular(reml: bool) -> None:
         )
         ll_best = -0.5 * (best + (n - 2 * reml) * np.log(y.var()))
         assert fit.loglik[f] >= ll_best - 1e-6, f
+
+
+def test_feature_whose_missing_rows_break_the_design_is_nan() -> None:
+    """A feature observed only in one dx group cannot estimate dx: NaN with a warning."""
+    rng = np.random.default_rng(0)
+    n = 120
+    data = pd.DataFrame({"site": rng.choice(list("abcd"), n), "dx": rng.choice(["CN", "PT"], n)})
+    data["f"] = rng.normal(size=n)
+    data["g"] = data["f"].where(data["dx"] == "CN")
+    with pytest.warns(UserWarning, match="rank-deficient, e.g. 'g'"):
+        fit = mixed.fit(data, ["f", "g"], fixed="dx")
+    assert np.isnan(fit.coef.loc["g"]).all() and np.isnan(fit.sigma2_site["g"])
+    assert np.isfinite(fit.coef.loc["f"]).all()

@@ -352,6 +352,21 @@ def fit(
     show = progress if progress is not None else len(blocks) > 4
     for blk in tqdm(blocks, desc="mixed model", unit="block", disable=not show):
         mask = None if complete[blk[0]] else observed[:, blk]
+        if mask is not None:
+            # the observed subjects of a feature may no longer support the design
+            xtx = np.einsum("ni,nj,np->pij", x, x, mask.astype(float), optimize=True)
+            full_rank = np.linalg.matrix_rank(xtx) == q
+            if not full_rank.all():
+                bad = [feats[j] for j in blk[~full_rank]]
+                warnings.warn(
+                    f"{len(bad)} feature(s) not fitted: their observed subjects leave the fixed "
+                    f"effects rank-deficient, e.g. {bad[0]!r}; their results are NaN",
+                    stacklevel=2,
+                )
+                fittable[blk[~full_rank]] = False
+                blk, mask = blk[full_rank], mask[:, full_rank]
+                if blk.size == 0:
+                    continue
         st = site_stats(x, z, ys[:, blk], codes, n_sites, mask)
         th, dv, cv = _fit_block(st, reml, r)
         lam = th.reshape(-1, 1, 1) if r == 1 else lambda_from_theta(th, 2)
