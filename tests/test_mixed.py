@@ -271,7 +271,7 @@ def test_random_slope_global_optimum_near_singular(reml: bool) -> None:
     site = rng.integers(0, n_sites, n)
     age = rng.normal(0, 1, n)
     data = pd.DataFrame({"site": site.astype(str), "age": age})
-    feats = [5, 53, 4, 56, 1, 10]  # include the hard cases of this seed
+    feats = [5, 53, 56, 10]  # the hard cases of this seed (ridges, two basins) and an easy one
     for j in range(max(feats) + 1):
         sb, ss = [0, 0.1, 0.5, 1.0][j % 4], [0, 0.05, 0.3][j % 3]
         y = 0.2 * age + rng.normal(0, sb, n_sites)[site] + rng.normal(0, ss, n_sites)[site] * age
