@@ -390,3 +390,16 @@ def test_transform_rotation_and_inverse_consistency():
 def test_template_error_when_files_missing(tmp_path):
     with pytest.raises(TemplateError, match="phantom_FA"):
         load_phantom_template(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_renders(phantom, name):
+    site = PRESETS[name].with_(voxel_size=(5.0, 5.0, 5.0))
+    scan = render_scan(phantom, base_microstructure(phantom), site, np.eye(4), None,
+                       np.random.default_rng(0))
+    assert scan.data.shape[3] == site.n_volumes == scan.bvecs_written.shape[0]
+    b0 = scan.data[..., scan.protocol.bvals_written < 50].mean(axis=-1)
+    dw = scan.data[..., scan.protocol.bvals_written > 50].mean(axis=-1)
+    brain = b0 > 5 * scan.sigma
+    assert brain.sum() > 100 and np.all(np.isfinite(scan.data))
+    assert np.median(dw[brain] / b0[brain]) < 0.9  # diffusion weighting attenuates

@@ -7,31 +7,38 @@ Public API::
     tpl = load_phantom_template()   # fa, mask, labels, tissue, label_table, affine
 
 ``simulate_roi_table`` (ROI-level synthetic data for harmonizer tests) lives in
-:mod:`dmriharmony.simulate.roi_table`.
+:mod:`dmriharmony.simulate.roi_table`. The names below are imported lazily (PEP 562), so that
+``import dmriharmony.simulate.roi_table`` stays light.
 """
 
 from __future__ import annotations
 
-from dmriharmony.simulate.dataset import simulate_dataset
-from dmriharmony.simulate.scanners import DEFAULT_SITES, PRESETS, Site, get_site
-from dmriharmony.simulate.subjects import EffectModel
-from dmriharmony.simulate.template import load_phantom_template, write_phantom_template
-from dmriharmony.simulate.transforms import (
-                                             load_scan_transform,
-                                             resample_to_scan,
-                                             scanner_to_template,
-)
+import importlib
 
-__all__ = [
-    "DEFAULT_SITES",
-    "PRESETS",
-    "EffectModel",
-    "Site",
-    "get_site",
-    "load_phantom_template",
-    "load_scan_transform",
-    "resample_to_scan",
-    "scanner_to_template",
-    "simulate_dataset",
-    "write_phantom_template",
-]
+_EXPORTS = {
+    "simulate_dataset": "dmriharmony.simulate.dataset",
+    "DEFAULT_SITES": "dmriharmony.simulate.scanners",
+    "PRESETS": "dmriharmony.simulate.scanners",
+    "Site": "dmriharmony.simulate.scanners",
+    "get_site": "dmriharmony.simulate.scanners",
+    "EffectModel": "dmriharmony.simulate.subjects",
+    "load_phantom_template": "dmriharmony.simulate.template",
+    "write_phantom_template": "dmriharmony.simulate.template",
+    "load_scan_transform": "dmriharmony.simulate.transforms",
+    "resample_to_scan": "dmriharmony.simulate.transforms",
+    "scanner_to_template": "dmriharmony.simulate.transforms",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dmriharmony.simulate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
