@@ -43,7 +43,7 @@ def _dwi_runs(root: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def noisy_ds(tmp_path_factory) -> Path:
     return simulate_dataset(tmp_path_factory.mktemp("sim") / "noisy", seed=11,
-                            subjects_per_site=1, traveling_subjects=1, voxel_size=3.0,
+                            subjects_per_site=1, traveling_subjects=1, voxel_size=3.5,
                             progress=False)
 
 
@@ -88,7 +88,7 @@ def test_gradients_match_volumes_and_sidecars(noisy_ds):
         # sform/qform set, voxel size as requested
         img = nib.load(run)
         assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
-        np.testing.assert_allclose(img.header.get_zooms()[:3], 3.0, atol=1e-5)
+        np.testing.assert_allclose(img.header.get_zooms()[:3], 3.5, atol=1e-5)
 
 
 def test_participants_and_sessions(noisy_ds):

@@ -25,7 +25,7 @@ from scipy.spatial.transform import Rotation
 
 from dmriharmony.simulate.anatomy import BRAIN_SEMI_AXES, FINE_SPACING, Phantom
 from dmriharmony.simulate.scanners import Protocol, Site, protocol
-from dmriharmony.simulate.signal import Microstructure, d0_moments, mixture_signal
+from dmriharmony.simulate.signal import Microstructure, _cones, d0_moments, mixture_signal
 from dmriharmony.simulate.tissue import compartment_weights, relaxation_at, tensor_metrics
 from dmriharmony.simulate.transforms import Warp, rotation_part, scanner_to_template
 
@@ -178,6 +178,7 @@ def render_scan(phantom: Phantom, ms: Microstructure, site: Site, affine: np.nda
     n_vox = w.shape[0]
     data = np.zeros((n_vox, prot.bvals_applied.size))
     starts = list(range(0, used.size, _CHUNK_VOXELS))
+    _cones(ms, 0), _cones(ms, 1)  # fill the phantom's cache before the threads read it
 
     def chunk(start: int) -> np.ndarray:
         return mixture_signal(ms, used[start:start + _CHUNK_VOXELS], prot.bvals_applied, g_tpl,
