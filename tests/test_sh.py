@@ -9,6 +9,7 @@ from scipy.spatial.transform import Rotation
 
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.sh import (
+    SHFit,
     evaluate_sh,
     find_shells,
     fit_sh,
@@ -203,3 +204,14 @@ def test_fit_shells_mask_and_bad_input(tmp_path):
         fit_shells(data, bvals, bvecs, mask=mask, order={1000: 4})
     fit4 = fit_shells(data, bvals, bvecs, mask=mask, order={1000: 4, 2000: 6})
     assert [s.order for s in fit4.shells] == [4, 6]
+
+
+def test_features_round_trip_to_dwi():
+    data, bvals, bvecs, _, _ = _multishell()
+    fit = fit_shells(data, bvals, bvecs)
+    feats = fit.features()
+    back = SHFit.from_features(feats, fit.mask, fit.bvalues, [s.order for s in fit.shells])
+    np.testing.assert_array_equal(back.features(), feats)
+    np.testing.assert_allclose(back.predict(bvals, bvecs), fit.predict(bvals, bvecs))
+    with pytest.raises(HarmonizationError, match="width 74 do not match"):
+        SHFit.from_features(feats, fit.mask, fit.bvalues, [8, 8])

@@ -404,8 +404,9 @@ class SiteInvariantVAE:
             out.append(fn(x, start).cpu().numpy())
         return np.concatenate(out, axis=0)
 
-    def encode(self, X: np.ndarray, *, return_logvar: bool = False) -> np.ndarray:
-        """Latent means (n, latent_dim) (and log-variances if asked) of voxel samples."""
+    def encode(self, X: np.ndarray, *,
+               return_logvar: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Latent means (n, latent_dim) of voxel samples (and log-variances if asked)."""
         self._check_fitted()
         X = check_features(X, self.n_features_)
         mean = self._run(X, lambda x, _: self.encoder(x)[0])

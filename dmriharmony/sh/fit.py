@@ -183,6 +183,32 @@ class SHFit:
         """
         return np.concatenate([self.b0[..., None]] + [s.coeffs for s in self.shells], axis=-1)
 
+    @classmethod
+    def from_features(
+        cls, features: np.ndarray, mask: np.ndarray, bvalues: list[float], orders: list[int],
+        *, shell_tol: float = SHELL_TOL, smooth: float = DEFAULT_SMOOTH,
+    ) -> SHFit:
+        """Inverse of :meth:`features`: rebuild a fit from ``[b0, shell coeffs...]`` (..., F).
+
+        Used to turn harmonized feature vectors (e.g. the VAE's decoded centre voxels put back
+        with :func:`dmriharmony.sh.to_volume`) into DWI with :meth:`predict`.
+        """
+        features = np.asarray(features, dtype=float)
+        widths = [n_coeffs(o) for o in orders]
+        if len(bvalues) != len(orders) or features.shape[-1] != 1 + sum(widths):
+            raise HarmonizationError(
+                f"features of width {features.shape[-1]} do not match b0 + shells {bvalues} "
+                f"at orders {orders} (width {1 + sum(widths)})"
+            )
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != features.shape[:-1]:
+            raise HarmonizationError(f"mask shape {mask.shape} != features {features.shape[:-1]}")
+        bounds = np.cumsum([1] + widths)
+        shells = [ShellSH(bvalue=float(b), coeffs=features[..., lo:hi].copy(), n_directions=0)
+                  for b, lo, hi in zip(bvalues, bounds[:-1], bounds[1:])]
+        return cls(b0=features[..., 0].copy(), shells=shells, mask=mask, smooth=smooth,
+                   shell_tol=shell_tol)
+
     def normalized_signal(
         self, bvals: np.ndarray, bvecs: np.ndarray, *, bvalue_mapping: bool = False
     ) -> np.ndarray:
