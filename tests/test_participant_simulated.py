@@ -60,6 +60,6 @@ def test_all_vendors_high_snr_and_site_snr(tmp_path):
     assert main([str(root), str(out), "participant", "--nprocs", "2"]) == 0
     errors = groundtruth_errors(root, out / "dmriharmony")
     table = summarize_errors(errors, ["site", "vendor"])
-    print(table.to_markdown(index=False) if hasattr(table, "to_markdown") else table)
+    print(table.to_string(index=False))
     # at clinical SNR (15-25) the error grows but stays a fraction of WM FA (~0.5)
     assert (errors["median_abs_error"] < 0.1).all(), errors
