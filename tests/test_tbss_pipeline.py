@@ -179,3 +179,25 @@ def test_enigma_route_end_to_end_1mm(enigma_dir, tmp_path):
     qc = pd.read_csv(out["qc_tsv"], sep="\t")
     assert qc.loc[0, "fa_template_corr"] > 0.95
     assert err["AverageFA"] < 0.01 and err.median() < 0.02
+
+
+def test_study_workflows_build():
+    """The study-template route as graphs: a JoinNode over an iterable, and the MapNode route."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    from dmriharmony.workflows.tbss import init_study_tbss_wf, init_study_template_wf
+
+    parent = pe.Workflow(name="parent")
+    runs = pe.Node(niu.IdentityInterface(fields=["fa"]), name="runs")
+    runs.iterables = ("fa", ["a.nii.gz", "b.nii.gz"])
+    study = init_study_template_wf(joinsource="runs")
+    parent.connect(runs, "fa", study, "inputnode.fa_files")
+    node = study.get_node("study_template")
+    assert isinstance(node, pe.JoinNode) and node.joinfield == ["fa_files"]
+    wf = init_study_tbss_wf(registration={"syn_iters": [5]})
+    names = {n.name for n in wf._get_all_nodes()}
+    assert {"study_template", "tbss_run", "roi_table", "merge_skeletons"} <= names
+    run = [n for n in wf._get_all_nodes() if n.name == "tbss_run"][0]
+    assert isinstance(run, pe.MapNode) and "fa" in run.iterfield
+    assert run.inputs.syn_iters == [5]
