@@ -266,7 +266,7 @@ def test_failure_inside_a_node_is_one_line(tmp_path, capsys, monkeypatch):
     write_bids_dataset(root, ("01", "02"), **SMALL)
     culprit = _nan_data(root)
     out = tmp_path / "out"
-    rc = main([str(root), str(out), "participant", "--no-data-check",
+    rc = main([str(root), str(out), "participant", "--no-data-check", "--stop-on-first-crash",
                "-w", str(tmp_path / "work")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 65, err
@@ -299,3 +299,24 @@ def test_site_table_lists_all_runs_whatever_the_filter(tmp_path):
     rows = (out / "dmriharmony" / "site_table.tsv").read_text().strip().splitlines()
     assert len(rows) == 3
     assert not (out / "dmriharmony" / "sub-01").exists()
+
+
+def test_other_runs_finish_when_one_node_fails(tmp_path, capsys):
+    """Without --stop-on-first-crash the good subject is processed, the bad one reported."""
+    root = tmp_path / "ds"
+    write_bids_dataset(root, ("01", "02"), **SMALL)
+    culprit = _nan_data(root)  # sub-01
+    out = tmp_path / "out"
+    rc = main([str(root), str(out), "participant", "--no-data-check"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 65 and len(err) == 1 and os.path.basename(culprit) in err[0]
+    assert list((out / "dmriharmony" / "sub-02").rglob("*_param-fa_dwimap.nii.gz"))
+    assert not list((out / "dmriharmony").rglob("sub-01_*.nii.gz"))
+
+
+def test_unknown_plugin_is_a_usage_error(tmp_path, capsys):
+    root = tmp_path / "ds"
+    write_bids_dataset(root, ("01",), **SMALL)
+    assert main([str(root), str(tmp_path / "out"), "participant", "--plugin", "Nope"]) == 64
+    err = capsys.readouterr().err
+    assert "Nope" in err and "MultiProc" in err

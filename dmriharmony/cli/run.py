@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --nprocs 1, MultiProc otherwise")
     r.add_argument("--plugin-args", default=None,
                    help="plugin arguments as JSON text or a JSON file")
+    r.add_argument("--stop-on-first-crash", action="store_true",
+                   help="stop at the first failing node (default: process every other run, "
+                        "then report the failures)")
     r.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -118,13 +121,15 @@ def _plugin_args(text: str | None) -> dict:
 def _crash_line(crash_dir: Path, since: float, exc: BaseException) -> tuple[str, bool]:
     """The root-cause line of a failed run (and whether it is a data error).
 
-    Taken from the newest Nipype crash file written since ``since``, else from the exception
+    Taken from the first Nipype crash file written since ``since``, else from the exception
     text (Nipype's Linear plugin raises the node's traceback as text).
     """
     files = sorted((f for f in crash_dir.glob("crash-*") if f.stat().st_mtime >= since - 1),
                    key=lambda f: f.stat().st_mtime) if crash_dir.is_dir() else []
-    text = files[-1].read_text(errors="replace") if files else str(exc)
-    where = f" (crash file {files[-1]})" if files else ""
+    text = files[0].read_text(errors="replace") if files else str(exc)
+    where = f" (crash file {files[0]})" if files else ""
+    if len(files) > 1:
+        where = f" ({len(files)} nodes failed; first crash file {files[0]})"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "Error:" in ln or "Exception:" in ln:
@@ -202,6 +207,12 @@ def run_participant(args: argparse.Namespace) -> int:
     if args.bmax <= 0 or args.b_round <= 0:
         raise _UsageError("--bmax and --b-round must be positive")
     plugin_args = _plugin_args(args.plugin_args)
+    plugin = args.plugin or ("MultiProc" if args.nprocs > 1 else "Linear")
+    from nipype.pipeline import plugins as nipype_plugins
+
+    if not hasattr(nipype_plugins, f"{plugin}Plugin"):
+        known = sorted(n[:-6] for n in dir(nipype_plugins) if n.endswith("Plugin") and n[0] != "_")
+        raise _UsageError(f"--plugin {plugin}: unknown Nipype plugin; one of {', '.join(known)}")
 
     db_root = args.bids_database_dir or work_dir
     t0 = time.perf_counter()
@@ -239,12 +250,12 @@ def run_participant(args: argparse.Namespace) -> int:
     crash_dir = work_dir / "crash"
     nipype_config.update_config({"execution": {
         "crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-        "stop_on_first_crash": "true", "check_version": "false",
+        "stop_on_first_crash": str(bool(args.stop_on_first_crash)).lower(),
+        "check_version": "false",
         "remove_unnecessary_outputs": "false",
     }, "monitoring": {"enabled": "false"}})
     wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                                   "stop_on_first_crash": True})
-    plugin = args.plugin or ("MultiProc" if args.nprocs > 1 else "Linear")
+                                   "stop_on_first_crash": bool(args.stop_on_first_crash)})
     if plugin == "MultiProc":
         plugin_args.setdefault("n_procs", args.nprocs)
         plugin_args.setdefault("raise_insufficient", False)
