@@ -25,7 +25,9 @@ FORMAT_VERSION = 1
 _META = "__meta__"
 
 
-def write_model(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+def write_model(
+    path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> Path:
     """Write ``arrays`` and ``meta`` to ``path`` atomically; return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
