@@ -3,7 +3,9 @@
 Plain functions, arrays in and arrays out (:mod:`~dmriharmony.dti.fit`,
 :mod:`~dmriharmony.dti.mask`, :mod:`~dmriharmony.dti.denoise`,
 :mod:`~dmriharmony.dti.gradients`), plus file-level steps in :mod:`~dmriharmony.dti.pipeline`
-that the Nipype interfaces wrap. No Nipype, no CLI here.
+that the Nipype interfaces wrap, :mod:`~dmriharmony.dti.synthetic` (small tensor-field BIDS
+datasets for tests) and :mod:`~dmriharmony.dti.accuracy` (errors against simulator ground
+truth). No Nipype, no CLI here.
 """
 
 from __future__ import annotations
