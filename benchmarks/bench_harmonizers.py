@@ -139,6 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run (seconds)")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    ap.add_argument("--only", choices=["parametric", "non-parametric", "gam", "covbat"],
+                    help="run one group of cases")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -156,6 +158,10 @@ def main() -> None:
     cases.append(("ComBat-GAM (age smooth), parametric", True, big, ["gam"]))
     cases.append(("CovBat, parametric", True, big, ["covbat"]))
 
+    if args.only:
+        group = {"parametric": "parametric", "non-parametric": "non-parametric",
+                 "gam": "ComBat-GAM", "covbat": "CovBat"}[args.only]
+        cases = [c for c in cases if c[0].startswith(group)]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_combat_"))
     try:
@@ -191,7 +197,7 @@ def main() -> None:
 
     table = markdown_table(rows)
     load = os.getloadavg()
-    quick = " --quick" if args.quick else ""
+    quick = (" --quick" if args.quick else "") + (f" --only {args.only}" if args.only else "")
     header = (
         "## ComBat: native vs neuroCombat 0.2.12\n\n"
         f"Command: `.venv/bin/python benchmarks/bench_harmonizers.py{quick}`"

@@ -339,7 +339,7 @@ class ComBat:
         z = resid if every else resid[:, cols]
         del resid
         for i in range(k):
-            z[site_rows[i]] += site_block[site_rows[i][0]] @ Bs - grand
+            z[_rows(site_rows[i])] += site_block[site_rows[i][0]] @ Bs - grand
         z /= np.sqrt(vp)
         nan_sub = has_nan[cols]
 
@@ -348,7 +348,7 @@ class ComBat:
         means = np.zeros((k, f))
         ss = np.zeros((k, f))
         for i in range(k):
-            zi = z[site_rows[i]]
+            zi = z[_rows(site_rows[i])]  # a view when contiguous: z is not needed afterwards
             if not nan_sub.any():
                 c = np.full(f, float(site_rows[i].shape[0]))
                 m = zi.mean(axis=0)
@@ -450,30 +450,38 @@ class ComBat:
         return self._wrap(X, self._apply(Xa, codes, C))
 
     def _apply(self, X: np.ndarray, codes: np.ndarray, C: np.ndarray) -> np.ndarray:
-        """``y* = (y - m) / sqrt(delta*) - gamma* sigma / sqrt(delta*) + m``, ``m = alpha + x'beta``
+        """``y* = (y - m) / sqrt(delta*) + m - gamma* sigma / sqrt(delta*)``, ``m = alpha + x'beta``
         (the ComBat adjustment, Johnson et al. 2007 eq. 2.4, rearranged), site by site."""
         cols = np.flatnonzero(self.adjusted_)
         every = cols.shape[0] == X.shape[1]
-        out = X.copy()
+        out = np.empty_like(X) if every else X.copy()
         sd = np.sqrt(self.var_pooled_[cols])
         beta = self.beta_[:, cols]
         grand = self.grand_mean_[cols]
         for i in np.unique(codes):
+            idx = np.flatnonzero(codes == i)
+            rows = _rows(idx)
             if i == self.ref_index_:
+                if every:
+                    out[rows] = X[rows]
                 continue
-            rows = np.flatnonzero(codes == i)
-            y = X[rows] if every else X[np.ix_(rows, cols)]
             mean = C[rows] @ beta
             mean += grand
             inv = 1.0 / np.sqrt(self.delta_star_[i, cols])
-            y -= mean
-            y *= inv
-            y -= self.gamma_star_[i, cols] * sd * inv
-            y += mean
-            if every:
-                out[rows] = y
+            if every and isinstance(rows, slice):  # write straight into the output (a view)
+                y = out[rows]
+                np.subtract(X[rows], mean, out=y)
             else:
-                out[np.ix_(rows, cols)] = y
+                y = X[rows] if every else X[np.ix_(idx, cols)]
+                y -= mean
+            y *= inv
+            mean -= self.gamma_star_[i, cols] * sd * inv
+            y += mean
+            if not (every and isinstance(rows, slice)):
+                if every:
+                    out[rows] = y
+                else:
+                    out[np.ix_(idx, cols)] = y
         return out
 
     @staticmethod
@@ -576,6 +584,13 @@ def _encode(
     return C
 
 
+def _rows(idx: np.ndarray) -> np.ndarray | slice:
+    """A slice (a view, no copy) when the row indices are one contiguous run, else the indices."""
+    if idx.size and idx[-1] - idx[0] + 1 == idx.size:
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
 def _adjustable_features(
     X: np.ndarray,
     finite: np.ndarray,
@@ -591,8 +606,8 @@ def _adjustable_features(
     """
     ok = np.ones(X.shape[1], dtype=bool)
     for i, rows in enumerate(site_rows):
-        xi = X[rows]
-        obs = finite[rows]
+        xi = X[_rows(rows)]
+        obs = finite[_rows(rows)]
         c = obs.sum(axis=0)
         ok &= c >= (1 if mean_only else 2)
         if counts[i] >= 2:
