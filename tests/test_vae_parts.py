@@ -116,3 +116,24 @@ def test_phantom_site_effect_is_a_per_order_scaling():
     with pytest.raises(HarmonizationError, match="site effect does not fit"):
         apply_site(feats, SiteEffect(1.0, (1.0, 1.0)))
     np.testing.assert_array_equal(subject_sh_volume(11, shape=(5, 5, 2), order=6)[0], feats)
+
+
+def test_explicit_validation_set_and_no_validation():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(600, 10)).astype(np.float32)
+    X[300:] *= 1.5
+    sites = np.repeat(["a", "b"], 300)
+    cfg = VAEConfig(latent_dim=4, encoder_hidden=(16, 8, 8), max_epochs=3, lr=1e-3)
+    m = SiteInvariantVAE(cfg, progress=False).fit(X[::2], sites[::2], X_val=X[1::2],
+                                                  sites_val=sites[1::2])
+    assert len(m.history_) == 3 and "val_loss" in m.history_[0]
+    with pytest.raises(HarmonizationError, match="sites_val.*site 'c' was not seen|site 'c'"):
+        SiteInvariantVAE(cfg, progress=False).fit(X[::2], sites[::2], X_val=X[1::2],
+                                                  sites_val=["c"] * 300)
+    m0 = SiteInvariantVAE(cfg.replace(validation_fraction=0.0, patience=0),
+                          progress=False).fit(X, sites)
+    assert len(m0.history_) == 3 and "val_loss" not in m0.history_[0]
+    # early stopping: no epoch beats the first by min_delta -> stop after `patience` more
+    es = SiteInvariantVAE(cfg.replace(max_epochs=10, patience=2, min_delta=1e9),
+                          progress=False).fit(X, sites)
+    assert len(es.history_) == 3 and es.best_epoch_ == 0

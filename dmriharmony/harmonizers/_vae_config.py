@@ -40,7 +40,8 @@ class VAEConfig:
     lr, adv_lr, batch_size
         Adam learning rate of the encoder/decoder and of the adversaries; mini-batch size.
     max_epochs, patience, min_delta
-        Epoch budget and early stopping on the validation VAE loss (reconstruction + KL).
+        Epoch budget; training stops after ``patience`` epochs without a validation VAE loss
+        (reconstruction + KL) lower than the best by ``min_delta``; the best weights are kept.
     validation_fraction
         Share of subjects (``groups``) or, without groups, of voxels held out per site.
     classifier_steps

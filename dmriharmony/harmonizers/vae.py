@@ -344,7 +344,7 @@ class SiteInvariantVAE:
                 self.best_epoch_ = epoch
             else:
                 stale += 1
-                if len(Xv) and stale > cfg.patience:
+                if len(Xv) and stale >= cfg.patience:
                     log.info("VAE early stop at epoch %d (best %d)", epoch, self.best_epoch_)
                     break
         bar.close()
