@@ -70,14 +70,17 @@ def _config(**kw) -> VAEConfig:
 @pytest.fixture(scope="module")
 def trained(data):
     X, sites, groups, _ = data
+    n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return {
+    models = {
         "moyer": SiteInvariantVAE(_config(mode="moyer"), progress=False).fit(
             X, sites, groups=groups),
         "site_adversary": SiteInvariantVAE(
             _config(mode="site_adversary", site_weight=3.0, classifier_steps=2),
             progress=False).fit(X, sites, groups=groups),
     }
+    torch.set_num_threads(n_threads)
+    return models
 
 
 def _log_rish_gap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
