@@ -5,7 +5,10 @@ stays cheap (torch is only imported when the VAE is used).
 
 - :mod:`~dmriharmony.harmonizers.meta`: per-site effect sizes and inverse-variance pooling.
 - :mod:`~dmriharmony.harmonizers.mixed`: mixed-effects mega-analysis, site as a random effect.
-- :class:`ComBat` (:mod:`~dmriharmony.harmonizers.combat`) and its variants.
+- :class:`ComBat` (:mod:`~dmriharmony.harmonizers.combat`) and its variants
+  (:class:`CovBat`, :class:`ComBatGAM`).
+- :mod:`~dmriharmony.harmonizers.vae`: site-invariant conditional VAE (Moyer et al. 2020), torch,
+  imported lazily.
 """
 
 from __future__ import annotations
