@@ -11,6 +11,8 @@ maximum resident set size, ``resource.getrusage(...).ru_maxrss``):
   ``FitTensor`` interface: read files, shell selection, fit, write six maps + QC TSV + JSON;
 - ``dmriharmony participant wf``: the whole per-run graph (mask, fit, derivatives sinks).
 
+The "fit time" column times the call shown: for the two Nipype rows that is the whole stage
+(NIfTI reading and gzip writing, masking in the workflow row), for the others the fit alone.
 All rows fit the same synthetic brain-sized volume (ellipsoid of grey matter with a white
 matter band, Rician noise, ``dmriharmony.dti.synthetic``) and the same brain mask (the
 median_otsu mask of the workflow, computed once up front). FA agreement with DIPY is
