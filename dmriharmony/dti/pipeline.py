@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from dmriharmony.dti.denoise import denoise, remove_gibbs
 from dmriharmony.dti.fit import fit_tensor
-from dmriharmony.dti.gradients import make_gtab, select_shells
+from dmriharmony.dti.gradients import B0_THRESHOLD, make_gtab, select_shells
 from dmriharmony.dti.io import (
     atomic_write_bytes,
     concat_dwi,
     load_dwi,
     load_mask,
     save_nifti,
+    validate_dwi_files,
 )
 from dmriharmony.dti.mask import brain_mask
 from dmriharmony.errors import BIDSInputError
@@ -34,10 +36,22 @@ QC_COLUMNS = (
 
 def mask_file(dwi_file: str | Path, bval_file: str | Path, bvec_file: str | Path,
               out_file: str | Path) -> Path:
-    """Brain mask (median_otsu on the mean b0, :func:`dmriharmony.dti.mask.brain_mask`)."""
-    dwi = load_dwi(dwi_file, bval_file, bvec_file)
-    mask = brain_mask(dwi.data, dwi.bvals)
-    return save_nifti(mask.astype(np.uint8), dwi.affine, out_file, header=dwi.header,
+    """Brain mask (median_otsu on the mean b0, :func:`dmriharmony.dti.mask.brain_mask`).
+
+    Only the b=0 volumes are read (usually the first ones: a partial read of a gzipped file).
+    """
+    bvals, _, _, _ = validate_dwi_files(dwi_file, bval_file, bvec_file, check_values=False)
+    idx = np.flatnonzero(bvals <= B0_THRESHOLD)
+    img = nib.load(str(dwi_file))
+    try:
+        b0 = np.stack([np.asarray(img.dataobj[..., int(i)], np.float32) for i in idx], axis=-1)
+    except Exception as exc:  # nibabel raises many types for corrupt data
+        raise BIDSInputError(
+            f"{dwi_file}: unreadable NIfTI data ({type(exc).__name__}: {exc})") from None
+    if not np.all(np.isfinite(b0)):
+        raise BIDSInputError(f"{dwi_file}: NaN or Inf values in the b=0 volumes")
+    mask = brain_mask(b0, np.zeros(len(idx)))
+    return save_nifti(mask.astype(np.uint8), img.affine, out_file, header=img.header,
                       dtype=np.uint8)
 
 

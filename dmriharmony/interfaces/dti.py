@@ -108,6 +108,8 @@ class _FitOutputSpec(TraitedSpec):
     qc_file = File(exists=True, desc="one-row QC TSV")
     fit_json = File(exists=True, desc="fit description (method, shells, volumes, QC)")
     fit_info = traits.Dict(desc="the content of fit_json")
+    out_mask = File(exists=True, desc="the mask that was fitted (pass-through, so that the "
+                                      "mask is stored only once the fit succeeded)")
 
 
 class FitTensor(SimpleInterface):
@@ -128,4 +130,5 @@ class FitTensor(SimpleInterface):
         self._results["qc_file"] = str(out["qc"])
         self._results["fit_json"] = str(out["fit_json"])
         self._results["fit_info"] = out["info"]
+        self._results["out_mask"] = self.inputs.mask_file
         return runtime

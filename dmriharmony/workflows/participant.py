@@ -158,9 +158,9 @@ def init_participant_wf(
         (source, fit, fields),
         (source, outputnode, fields),
         (mask, fit, [("out_mask", "mask_file")]),
-        (mask, outputnode, [("out_mask", "mask")]),
-        (fit, outputnode, [("fa", "fa"), ("md", "md"), ("ad", "ad"), ("rd", "rd"),
-                           ("v1", "v1"), ("tensor", "tensor"), ("qc_file", "qc_file"),
+        # the mask leaves through the fit: a run's derivatives appear only if its fit succeeded
+        (fit, outputnode, [("out_mask", "mask"), ("fa", "fa"), ("md", "md"), ("ad", "ad"),
+                           ("rd", "rd"), ("v1", "v1"), ("tensor", "tensor"), ("qc_file", "qc_file"),
                            ("fit_json", "fit_json"), ("fit_info", "fit_info")]),
     ])
     return wf
