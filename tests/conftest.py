@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# no Nipype version check over the network, whichever test imports nipype first
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("DMRIHARMONY_SHARED", REPO_ROOT.parent / "shared"))
 
