@@ -101,7 +101,9 @@ def _spawn(case: str, who: str, timeout: float) -> dict:
         return {"case": case, "who": who, "error": f"timeout after {timeout:.0f} s"}
     wall = time.perf_counter() - t
     if proc.returncode != 0:
-        return {"case": case, "who": who, "error": proc.stderr.strip().splitlines()[-1]}
+        tail = proc.stderr.strip().splitlines()
+        return {"case": case, "who": who,
+                "error": tail[-1] if tail else f"exit status {proc.returncode}"}
     res = json.loads(Path(out).read_text())
     os.unlink(out)
     res["wall_s"] = wall  # peak_mb: the child's own ru_maxrss (whole process, incl. imports)
