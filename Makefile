@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/python -m dmriharmony.demo $(DEMO_OUT)
+	$(BIN)/python -m dmriharmony.demo $(DEMO_OUT) --nprocs 2
 
 test: install-test
 	$(BIN)/python -m pytest

@@ -1,10 +1,11 @@
 """``python -m dmriharmony.demo OUT_DIR``: the participant level on the bundled example dataset.
 
-Runs ``dmriharmony <bids_examples/...> OUT_DIR participant`` (the BIDS App, in-process) on the
-multi-vendor example dataset shipped in the repository's ``bids_examples/`` folder, then
-prints where the derivatives are and a per-run summary (site, vendor, SNR, median FA in the
-brain mask) and, when the dataset carries the simulator's native ground truth
-(``derivatives/groundtruth``), the FA error per site and vendor
+Runs ``dmriharmony <bids_examples/...> OUT_DIR participant --template phantom`` (the BIDS App,
+in-process: DTI, then TBSS onto the bundled phantom template and ENIGMA-style ROI extraction) on
+the multi-vendor example dataset shipped in the repository's ``bids_examples/`` folder, then
+prints where the derivatives are, a per-run summary (site, vendor, SNR, median FA in the brain
+mask, registration quality, whole-skeleton FA) and, when the dataset carries the simulator's
+native ground truth (``derivatives/groundtruth``), the FA error per site and vendor
 (:func:`dmriharmony.dti.accuracy.groundtruth_errors`).
 """
 
@@ -42,9 +43,12 @@ def summarize(out_dir: Path) -> str:
 
     deriv = out_dir / "dmriharmony"
     table = pd.read_csv(deriv / "site_table.tsv", sep="\t", dtype=str, keep_default_na=False)
-    lines = ["| run | site | vendor | SNR (b0) | median FA (mask) | median MD (mask) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | site | vendor | SNR (b0) | median FA (mask) | median MD (mask) "
+             "| FA-template r | skeleton FA |",
+             "|---|---|---|---|---|---|---|---|"]
     for fa_path in sorted(deriv.glob("sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz")):
+        if "_space-" in fa_path.name:  # template-space maps of the TBSS step
+            continue
         prefix = fa_path.name.split("_model-tensor")[0]
         mask_path = fa_path.with_name(f"{prefix}_desc-brain_mask.nii.gz")
         md_path = fa_path.with_name(f"{prefix}_model-tensor_param-md_dwimap.nii.gz")
@@ -57,8 +61,14 @@ def summarize(out_dir: Path) -> str:
         rows = table[(table["subject"] == sub) & (table["session"] == ses)]
         site = rows["site"].iloc[0] if len(rows) else "?"
         vendor = rows["vendor"].iloc[0] if len(rows) else "?"
+        corr, skel = "n/a", "n/a"
+        tbss_qc = sorted(fa_path.parent.glob(f"{prefix}_space-*_desc-tbss_qc.tsv"))
+        if tbss_qc:
+            q = pd.read_csv(tbss_qc[0], sep="\t")
+            corr = f"{float(q['fa_template_corr'].iloc[0]):.3f}"
+            skel = f"{float(q['skeleton_mean_fa'].iloc[0]):.3f}"
         lines.append(f"| {prefix} | {site} | {vendor} | {float(qc['snr'].iloc[0]):.1f} | "
-                     f"{np.median(fa):.3f} | {np.median(md) * 1e3:.3f}e-3 |")
+                     f"{np.median(fa):.3f} | {np.median(md) * 1e3:.3f}e-3 | {corr} | {skel} |")
     return "\n".join(lines)
 
 
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", help="folder name under bids_examples/ (default: the first)")
     p.add_argument("--examples", type=Path, default=EXAMPLES, help=argparse.SUPPRESS)
     p.add_argument("--nprocs", type=int, default=1)
+    p.add_argument("--no-tbss", action="store_true", help="DTI maps only (faster)")
     args = p.parse_args(argv)
     try:
         bids_dir = find_example_dataset(args.examples, args.dataset)
@@ -89,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return 66  # EX_NOINPUT
     out = args.out_dir.resolve()
     print(f"dmriharmony demo: participant level on {bids_dir}")
-    code = bids_app([str(bids_dir), str(out), "participant", "-w", str(out / "work"),
-                     "--nprocs", str(args.nprocs)])
+    cmd = [str(bids_dir), str(out), "participant", "-w", str(out / "work"),
+           "--nprocs", str(args.nprocs)]
+    if not args.no_tbss:
+        cmd += ["--template", "phantom"]
+    code = bids_app(cmd)
     if code != 0:
         return code
     print(summarize(out))
@@ -103,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\nFA error against the simulator's native ground truth (white matter, "
                   "truth FA >= 0.2):")
             print(_markdown(table))
+    roi_table = out / "dmriharmony" / "group" / "roi_table.tsv"
     print(f"dmriharmony demo: derivatives in {out / 'dmriharmony'} "
-          f"(site table: {out / 'dmriharmony' / 'site_table.tsv'}); Nipype cache in {out / 'work'}")
+          f"(site table: {out / 'dmriharmony' / 'site_table.tsv'}"
+          + (f"; ENIGMA-style ROI table: {roi_table}" if roi_table.is_file() else "")
+          + f"); Nipype cache in {out / 'work'}")
     return 0
 
 

@@ -17,7 +17,7 @@ def test_demo_runs_on_a_dataset_folder(tmp_path, capsys):
     write_bids_dataset(examples / "tiny", ("01", "02"), shape=(10, 10, 4), n_dirs=12,
                        sites={"01": "A", "02": "B"})
     out = tmp_path / "out"
-    assert demo.main([str(out), "--examples", str(examples)]) == 0
+    assert demo.main([str(out), "--examples", str(examples), "--no-tbss"]) == 0
     text = capsys.readouterr().out
     assert "sub-01" in text and "sub-02" in text and "| A |" in text and "| B |" in text
     assert str(out / "dmriharmony") in text
@@ -39,9 +39,19 @@ def test_demo_on_bundled_examples(tmp_path, capsys):
     out = tmp_path / "out"
     assert demo.main([str(out)]) == 0
     n_runs = len(list(bids_dir.glob("sub-*/**/dwi/*_dwi.nii*")))
-    fa = list(out.glob("dmriharmony/sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz"))
+    fa = [p for p in out.glob("dmriharmony/sub-*/**/*_model-tensor_param-fa_dwimap.nii.gz")
+          if "_space-" not in p.name]
     assert len(fa) == n_runs
-    assert "derivatives in" in capsys.readouterr().out
+    skeletons = list(out.glob("dmriharmony/sub-*/**/*_space-phantom_*param-fa_desc-skeleton_"
+                              "dwimap.nii.gz"))
+    assert len(skeletons) == n_runs
+    text = capsys.readouterr().out
+    assert "derivatives in" in text and "ENIGMA-style ROI table" in text
+    import pandas as pd
+
+    table = pd.read_csv(out / "dmriharmony" / "group" / "roi_table.tsv", sep="\t")
+    assert len(table) == 4 * n_runs  # FA, MD, AD, RD per run
+    assert set(table["vendor"]) == {"GE", "Siemens", "Philips"}
     from dmriharmony.bids.validate import bids_validator_errors
 
     try:

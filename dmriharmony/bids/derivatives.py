@@ -20,7 +20,8 @@ from dmriharmony.dti.io import atomic_write_bytes
 PIPELINE_NAME = "dmriharmony"
 BIDS_VERSION = "1.10.0"
 BIDSIGNORE = ["*_dwimap.nii.gz", "*_dwimap.json", "*_qc.tsv", "*_qc.json", "site_table.tsv",
-              "logs/"]
+              "logs/", "*_qc.png", "*_roi.tsv", "*_roi.json", "*_xfm.txt", "*_xfm.npz",
+              "*_xfm.json", "group"]
 
 README = """# dmriharmony derivatives
 
@@ -29,6 +30,14 @@ Diffusion tensor maps fitted with DIPY by dmriharmony (participant level): per D
 mask `*_desc-brain_mask.nii.gz` and a one-row quality-control table `*_model-tensor_qc.tsv`.
 Every file has a JSON sidecar saying how it was made. `site_table.tsv` lists one row per DWI
 run with its site, scanner and acquisition.
+
+With the TBSS step (ENIGMA-style, `--template`/`--template-dir`): per run the maps in template space
+(`*_space-<tpl>_model-tensor_param-<fa|md|ad|rd>_dwimap.nii.gz`), projected onto the template
+skeleton (`..._desc-skeleton_dwimap.nii.gz`), the ENIGMA ROI row
+(`*_space-<tpl>_desc-skeleton_roi.tsv`),
+registration QC (`*_desc-tbss_qc.tsv`, `*_desc-skeleton_qc.png`) and the native-to-template
+transforms (`*_from-native_to-<tpl>_mode-image_desc-<affine|syn>_xfm.*`); `group/roi_table.tsv`
+joins every run's ROI row with participants.tsv and the site table.
 """
 
 _SOURCE_SUFFIX = re.compile(r"_dwi\.nii(\.gz)?$")

@@ -23,7 +23,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from dmriharmony import __version__  # noqa: E402
-from dmriharmony.errors import BIDSInputError, DmriHarmonyError  # noqa: E402
+from dmriharmony.errors import BIDSInputError, DmriHarmonyError, TemplateError  # noqa: E402
 
 EX_OK = 0
 EX_INVALID_DATASET = 16
@@ -31,6 +31,7 @@ EX_UNKNOWN_LEVEL = 17
 EX_NO_MATCH = 18
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_NOINPUT = 66
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_IOERR = 74
@@ -86,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--b-round", type=float, default=50.0,
                    help="b-value rounding step defining shells (default 50)")
     d.add_argument("--fit-method", choices=["wls", "ols", "nlls", "restore"], default="wls")
+    t = p.add_argument_group("TBSS (ENIGMA-style skeleton and ROI table)")
+    t.add_argument("--template", default=None, choices=["phantom", "enigma", "folder"],
+                   help="run TBSS onto this template: the bundled phantom (for simulator "
+                        "data), the ENIGMA-DTI template (--template-dir with "
+                        "ENIGMA_DTI_FA.nii.gz ...) or a dmriharmony template folder (e.g. a "
+                        "study template); implied by --template-dir. Without either, the "
+                        "participant level stops at the DTI maps")
+    t.add_argument("--template-dir", type=Path, default=None,
+                   help="folder of the ENIGMA-DTI template (files from "
+                        "github.com/ENIGMA-git/ENIGMA-DTI-TBSS-Protocol) or of a dmriharmony "
+                        "template")
+    t.add_argument("--syn-iters", type=int, nargs="+", default=None, metavar="N",
+                   help="SyN iterations per level, coarse to fine (0 = affine only; "
+                        "default 30 20 5)")
     r = p.add_argument_group("execution")
     r.add_argument("-w", "--work-dir", type=Path,
                    help="Nipype work folder (default <output_dir>/work); reused on re-runs")
@@ -225,6 +240,7 @@ def run_participant(args: argparse.Namespace) -> int:
                                  omp_nthreads=args.omp_nthreads)
     validate_inputs(inputs, bmax=args.bmax, b_round=args.b_round,
                     check_values=not args.no_data_check)
+    tbss = _tbss_options(args) if (args.template or args.template_dir) else None
     # the site table covers every run of the dataset, whatever the filters: parallel jobs
     # (one per participant) then write the same file
     all_runs = runs if not (args.participant_label or args.session_label) else \
@@ -246,7 +262,7 @@ def run_participant(args: argparse.Namespace) -> int:
                        deriv / "site_table.tsv")
 
     wf = init_dmriharmony_wf(inputs, bids_dir=bids_dir, output_dir=deriv, work_dir=work_dir,
-                             options=options)
+                             options=options, tbss=tbss)
     crash_dir = work_dir / "crash"
     nipype_config.update_config({"execution": {
         "crashdump_dir": str(crash_dir), "crashfile_format": "txt",
@@ -265,8 +281,57 @@ def run_participant(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - Nipype wraps node errors in several types
         line, data_error = _crash_line(crash_dir, started, exc)
         return _fail(line, EX_DATAERR if data_error else EX_SOFTWARE)
+    if tbss is not None:
+        table_path = _write_group_roi_table(deriv, bids_dir, tbss.space)
+        print(f"dmriharmony: ROI table of all runs so far: {table_path}")
     print(f"dmriharmony: participant level done: {len(inputs)} input(s); derivatives in {deriv}")
     return EX_OK
+
+
+def _tbss_options(args: argparse.Namespace):
+    """TBSS options from the command line; loads the template once to fail early."""
+    from dmriharmony.tbss.templates import is_enigma_dir, load_template
+    from dmriharmony.workflows.base import TBSSOptions
+
+    source = args.template
+    template_dir = args.template_dir.resolve() if args.template_dir else None
+    if source is None:
+        source = "enigma" if is_enigma_dir(template_dir) else "folder"
+    if source != "phantom" and template_dir is None:
+        raise _UsageError(f"--template {source} needs --template-dir")
+    if source == "phantom" and template_dir is not None:
+        raise _UsageError("--template phantom takes no --template-dir")
+    template = load_template(source, template_dir)
+    registration = {}
+    if args.syn_iters is not None:
+        if any(n < 0 for n in args.syn_iters):
+            raise _UsageError("--syn-iters must be >= 0")
+        registration["syn_iters"] = [] if args.syn_iters == [0] else list(args.syn_iters)
+    LOGGER.info("TBSS template %s (%s), grid %s", template.name, source,
+                "x".join(map(str, template.fa.shape)))
+    return TBSSOptions(source=source, template_dir=None if template_dir is None
+                       else str(template_dir), space=template.name, registration=registration)
+
+
+def _write_group_roi_table(deriv: Path, bids_dir: Path, space: str) -> Path:
+    """``group/roi_table.tsv``: every stored ROI row joined with participants.tsv and the sites.
+
+    Rebuilt from the ROI rows present in the derivatives, so that parallel per-participant
+    jobs each leave a complete table of what has finished (written atomically).
+    """
+    import pandas as pd
+
+    from dmriharmony.tbss.roi import build_roi_table, read_roi_rows, write_table
+
+    rows = sorted(deriv.glob(f"sub-*/**/sub-*_space-{space}_desc-skeleton_roi.tsv"))
+    participants = bids_dir / "participants.tsv"
+    roi = read_roi_rows(rows)
+    if participants.is_file():
+        parts: Path | pd.DataFrame = participants
+    else:  # covariates are optional: the table then only carries the site columns
+        parts = pd.DataFrame({"participant_id": sorted({f"sub-{s}" for s in roi["subject"]})})
+    table = build_roi_table(roi, parts, deriv / "site_table.tsv")
+    return write_table(table, deriv / "group" / "roi_table.tsv")
 
 
 def _fail(message: str, code: int) -> int:
@@ -301,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EX_NO_MATCH)
     except BIDSInputError as exc:
         return _fail(str(exc), EX_DATAERR)
+    except TemplateError as exc:
+        return _fail(str(exc), EX_NOINPUT)
     except DmriHarmonyError as exc:
         return _fail(str(exc), EX_DATAERR)
     except PermissionError as exc:

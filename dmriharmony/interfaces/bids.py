@@ -42,6 +42,8 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     description = traits.Str("", usedefault=True, desc="sidecar Description")
     metadata = traits.Dict(desc="extra sidecar fields")
     write_sidecar = traits.Bool(True, usedefault=True)
+    out_name = traits.Str(desc="store under this file name instead of the one built from the "
+                               "entities (names with from-/to-/mode- entities, e.g. transforms)")
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -69,7 +71,7 @@ class DerivativesDataSink(SimpleInterface):
         inputs = self.inputs
         out_dir = derivative_dir(inputs.base_directory, inputs.entities)
         out_dir.mkdir(parents=True, exist_ok=True)
-        name = derivative_name(
+        name = self._opt("out_name") or derivative_name(
             inputs.prefix, inputs.suffix, inputs.extension, space=self._opt("space"),
             model=self._opt("model"), param=self._opt("param"), desc=self._opt("desc"),
         )
