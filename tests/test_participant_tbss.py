@@ -90,3 +90,16 @@ def test_template_dir_errors_are_one_line(tmp_path, capsys):
     assert code == 66
     assert len(err.splitlines()) == 1 and str(empty) in err
     assert not list((tmp_path / "out").rglob("*.nii.gz"))
+
+
+def test_affine_only_registration_stores_no_warp(tmp_path):
+    """``--syn-iters 0``: affine registration only; the run succeeds without a SyN warp."""
+    bids_dir = simulate_dataset(tmp_path / "bids", seed=5, subjects_per_site=1,
+                                traveling_subjects=0, sites=["ge"], progress=False)
+    out = tmp_path / "out"
+    assert main([str(bids_dir), str(out), "participant", "-w", str(tmp_path / "work"),
+                 "--template", "phantom", "--syn-iters", "0"]) == 0
+    xfms = sorted(p.name for p in out.glob("dmriharmony/sub-*/**/*_xfm.*"))
+    assert any(n.endswith("desc-affine_xfm.txt") for n in xfms)
+    assert not any("desc-syn" in n for n in xfms)
+    assert (out / "dmriharmony" / "group" / "roi_table.tsv").is_file()

@@ -146,7 +146,10 @@ def _add_tbss(wf: pe.Workflow, dti: pe.Workflow, outputnode: pe.Node, item: DTII
         wf.connect(tw, f"outputnode.{key}", sink, "in_file")
         if key == "roi_tsv":
             wf.connect(sink, "out_file", outputnode, "ds_roi")
-    for key, desc, ext in (("affine", "affine", ".txt"), ("warp", "syn", ".npz")):
+    transforms = [("affine", "affine", ".txt")]
+    if tbss.registration.get("syn_iters", True):  # empty list: affine only, no SyN warp
+        transforms.append(("warp", "syn", ".npz"))
+    for key, desc, ext in transforms:
         name = f"{item.prefix}_from-native_to-{tbss.space}_mode-image_desc-{desc}_xfm{ext}"
         sink = pe.Node(DerivativesDataSink(
             suffix="xfm", extension=ext, out_name=name, metadata=meta,
