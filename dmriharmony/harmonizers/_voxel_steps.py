@@ -554,7 +554,7 @@ def chunk_stats(
     X = read_matrix(matrix_file)
     start, stop = chunk_bounds(X.shape[1], design.chunk_size, chunk_index)
     st = chunk_stats_array(read_columns(X, start, stop), design)
-    out = Path(out_file) if out_file is not None else Path(f"chunk-{int(chunk_index):05d}_stats.npz")
+    out = Path(out_file if out_file is not None else f"chunk-{int(chunk_index):05d}_stats.npz")
     meta = {"class": STATS_CLASS, "chunk_index": int(chunk_index), "start": start, "stop": stop,
             "n_voxels": int(X.shape[1]), "n_subjects": int(X.shape[0])}
     return write_model(out, st, meta)
@@ -642,5 +642,5 @@ def adjust_chunk(
         )
     start, stop = chunk_bounds(X.shape[1], design.chunk_size, chunk_index)
     Y = adjust_array(read_columns(X, start, stop), slice_model(model, start, stop), design)
-    out = Path(out_file) if out_file is not None else Path(f"chunk-{int(chunk_index):05d}_combat.npy")
+    out = Path(out_file if out_file is not None else f"chunk-{int(chunk_index):05d}_combat.npy")
     return _atomic_save_npy(out, Y.astype(X.dtype, copy=False))
