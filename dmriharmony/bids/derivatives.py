@@ -12,8 +12,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-
 from dmriharmony import __version__
 from dmriharmony.dti.io import atomic_write_bytes
 
@@ -144,6 +142,24 @@ def bids_uri(path: str | Path, bids_root: str | Path | None = None,
     return src.as_uri()
 
 
+#: distributions whose versions every sidecar records (read from the installed metadata, so
+#: that torch is never imported just to learn its version).
+TOOLS = ("dipy", "nipype", "nibabel", "numpy", "scipy", "pandas", "scikit-learn", "torch")
+
+
+def tool_versions() -> dict[str, str]:
+    """``{"dmriharmony": ..., "dipy": ..., "torch": ...}`` (``"not installed"`` when absent)."""
+    from importlib import metadata
+
+    versions = {"dmriharmony": __version__}
+    for dist in TOOLS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
 def provenance(
     *,
     sources: list[str | Path] | str | Path,
@@ -154,22 +170,16 @@ def provenance(
     """Sidecar content saying how a derivative was made.
 
     ``Description``, ``Sources`` (BIDS URIs of the raw runs), ``GeneratedBy`` and
-    ``ToolVersions`` (dmriharmony, DIPY, Nipype, NiBabel, NumPy), then ``extra`` (the
-    options and fit details).
+    ``ToolVersions`` (:func:`tool_versions`: dmriharmony, DIPY, Nipype, NiBabel, NumPy, SciPy,
+    pandas, scikit-learn, torch), then ``extra`` (the options and fit details).
     """
-    import dipy
-    import nibabel
-    import nipype
-
     if isinstance(sources, str | Path):
         sources = [sources]
     meta = {
         "Description": description,
         "Sources": [bids_uri(s, bids_root) for s in sources],
         "GeneratedBy": {"Name": PIPELINE_NAME, "Version": __version__},
-        "ToolVersions": {"dmriharmony": __version__, "dipy": dipy.__version__,
-                             "nipype": nipype.__version__, "nibabel": nibabel.__version__,
-                             "numpy": np.__version__},
+        "ToolVersions": tool_versions(),
     }
     if extra:
         meta.update(extra)

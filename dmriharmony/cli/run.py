@@ -23,6 +23,12 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from dmriharmony import __version__  # noqa: E402
+from dmriharmony.cli.group import (  # noqa: E402
+    GroupInputError,
+    GroupUsageError,
+    add_group_arguments,
+    run_group,
+)
 from dmriharmony.errors import BIDSInputError, DmriHarmonyError, TemplateError  # noqa: E402
 
 EX_OK = 0
@@ -36,7 +42,7 @@ EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_IOERR = 74
 
-ANALYSIS_LEVELS = ("participant",)
+ANALYSIS_LEVELS = ("participant", "group")
 PIPELINE_DIR = "dmriharmony"
 LOGGER = logging.getLogger("dmriharmony")
 
@@ -57,14 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(
         prog="dmriharmony",
         description="Multi-site diffusion MRI harmonization (BIDS App). The participant level "
-                    "fits DTI with DIPY and writes FA/MD/AD/RD maps as BIDS derivatives.",
+                    "fits DTI with DIPY, writes FA/MD/AD/RD maps as BIDS derivatives and runs "
+                    "an ENIGMA-style TBSS; the group level harmonizes the ROI tables with "
+                    "several methods side by side and writes an evaluation and a report.",
         epilog="Exit codes: 16 invalid dataset, 17 unknown level, 18 no data match the "
                "filters, 64 usage, 65 bad DWI data, 70 internal error, 73/74 output errors.",
     )
     p.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
     p.add_argument("output_dir", type=Path,
                    help="output folder; derivatives go to <output_dir>/dmriharmony")
-    p.add_argument("analysis_level", help="'participant' (the group level comes later)")
+    p.add_argument("analysis_level",
+                   help="'participant' (DTI, TBSS, ROI rows per run) or 'group' (harmonizers "
+                        "side by side on the participant derivatives, evaluation, report)")
     p.add_argument("--version", action="version", version=f"dmriharmony {__version__}")
     g = p.add_argument_group("selection")
     g.add_argument("--participant-label", "--participant_label", dest="participant_label",
@@ -101,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--syn-iters", type=int, nargs="+", default=None, metavar="N",
                    help="SyN iterations per level, coarse to fine (0 = affine only; "
                         "default 30 20 5)")
+    add_group_arguments(p)
     r = p.add_argument_group("execution")
     r.add_argument("-w", "--work-dir", type=Path,
                    help="Nipype work folder (default <output_dir>/work); reused on re-runs")
@@ -196,7 +207,6 @@ def _configure_logging(verbose: int) -> None:
 
 def run_participant(args: argparse.Namespace) -> int:
     """Validate the inputs, build and run the participant workflow, write derivatives."""
-    from nipype import config as nipype_config
 
     from dmriharmony.bids import (
         collect_dwi_runs,
@@ -217,17 +227,9 @@ def run_participant(args: argparse.Namespace) -> int:
             output_dir.relative_to(bids_dir).parts[0] == "derivatives"):
         raise _UsageError(f"{output_dir}: the output folder must not be inside the BIDS "
                           "dataset (except under derivatives/)")
-    if args.nprocs < 1 or args.omp_nthreads < 1:
-        raise _UsageError("--nprocs and --omp-nthreads must be >= 1")
     if args.bmax <= 0 or args.b_round <= 0:
         raise _UsageError("--bmax and --b-round must be positive")
-    plugin_args = _plugin_args(args.plugin_args)
-    plugin = args.plugin or ("MultiProc" if args.nprocs > 1 else "Linear")
-    from nipype.pipeline import plugins as nipype_plugins
-
-    if not hasattr(nipype_plugins, f"{plugin}Plugin"):
-        known = sorted(n[:-6] for n in dir(nipype_plugins) if n.endswith("Plugin") and n[0] != "_")
-        raise _UsageError(f"--plugin {plugin}: unknown Nipype plugin; one of {', '.join(known)}")
+    plugin, plugin_args = _plugin(args)
 
     db_root = args.bids_database_dir or work_dir
     t0 = time.perf_counter()
@@ -264,17 +266,7 @@ def run_participant(args: argparse.Namespace) -> int:
     wf = init_dmriharmony_wf(inputs, bids_dir=bids_dir, output_dir=deriv, work_dir=work_dir,
                              options=options, tbss=tbss)
     crash_dir = work_dir / "crash"
-    nipype_config.update_config({"execution": {
-        "crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-        "stop_on_first_crash": str(bool(args.stop_on_first_crash)).lower(),
-        "check_version": "false",
-        "remove_unnecessary_outputs": "false",
-    }, "monitoring": {"enabled": "false"}})
-    wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                                   "stop_on_first_crash": bool(args.stop_on_first_crash)})
-    if plugin == "MultiProc":
-        plugin_args.setdefault("n_procs", args.nprocs)
-        plugin_args.setdefault("raise_insufficient", False)
+    _configure_execution(wf, args, crash_dir)
     started = time.time()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
@@ -286,6 +278,77 @@ def run_participant(args: argparse.Namespace) -> int:
         print(f"dmriharmony: ROI table of all runs so far: {table_path}")
     print(f"dmriharmony: participant level done: {len(inputs)} input(s); derivatives in {deriv}")
     return EX_OK
+
+
+def _plugin(args: argparse.Namespace) -> tuple[str, dict]:
+    """The Nipype plugin and its arguments (``--plugin``, ``--plugin-args``, ``--nprocs``)."""
+    from nipype.pipeline import plugins as nipype_plugins
+
+    if args.nprocs < 1 or args.omp_nthreads < 1:
+        raise _UsageError("--nprocs and --omp-nthreads must be >= 1")
+    plugin_args = _plugin_args(args.plugin_args)
+    plugin = args.plugin or ("MultiProc" if args.nprocs > 1 else "Linear")
+    if not hasattr(nipype_plugins, f"{plugin}Plugin"):
+        known = sorted(n[:-6] for n in dir(nipype_plugins) if n.endswith("Plugin") and n[0] != "_")
+        raise _UsageError(f"--plugin {plugin}: unknown Nipype plugin; one of {', '.join(known)}")
+    if plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", args.nprocs)
+        plugin_args.setdefault("raise_insufficient", False)
+    return plugin, plugin_args
+
+
+def _configure_execution(wf, args: argparse.Namespace, crash_dir: Path) -> None:
+    """Nipype execution settings: crash files in the work folder, no network, keep outputs."""
+    from nipype import config as nipype_config
+
+    nipype_config.update_config({"execution": {
+        "crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+        "stop_on_first_crash": str(bool(args.stop_on_first_crash)).lower(),
+        "check_version": "false",
+        "remove_unnecessary_outputs": "false",
+    }, "monitoring": {"enabled": "false"}})
+    wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                                   "stop_on_first_crash": bool(args.stop_on_first_crash)})
+
+
+def run_group_level(args: argparse.Namespace) -> int:
+    """The group level (:func:`dmriharmony.cli.group.run_group`) with this CLI's error handling."""
+    output_dir = args.output_dir.resolve()
+    work_dir = (args.work_dir or output_dir / "work").resolve()
+    if not args.bids_dir.is_dir():
+        from dmriharmony.bids.exceptions import InvalidDatasetError
+
+        raise InvalidDatasetError(f"{args.bids_dir}: not a folder")
+    plugin, plugin_args = _plugin(args)
+    crash_dir = work_dir / "crash"
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"{exc.filename}: cannot create folder ({exc.strerror})", EX_CANTCREAT)
+    started = time.time()
+    try:
+        code, message = run_group(args, plugin=plugin, plugin_args=plugin_args,
+                                  configure_execution=lambda wf: _configure_execution(
+                                      wf, args, crash_dir))
+    except GroupUsageError as exc:
+        return _fail(str(exc), EX_USAGE)
+    except GroupInputError as exc:
+        return _fail(str(exc), EX_NOINPUT)
+    except (DmriHarmonyError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - Nipype wraps node errors in several types
+        line, _ = _crash_line(crash_dir, started, exc)
+        data = "HarmonizationError" in str(exc) or "HarmonizationError" in line or \
+            _crash_mentions(crash_dir, started, "HarmonizationError")
+        return _fail(line, EX_DATAERR if data else EX_SOFTWARE)
+    print(message)
+    return code
+
+
+def _crash_mentions(crash_dir: Path, since: float, text: str) -> bool:
+    files = [f for f in crash_dir.glob("crash-*") if f.stat().st_mtime >= since - 1] \
+        if crash_dir.is_dir() else []
+    return any(text in f.read_text(errors="replace") for f in files)
 
 
 def _tbss_options(args: argparse.Namespace):
@@ -357,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"unknown analysis level {args.analysis_level!r}; available: "
                      f"{', '.join(ANALYSIS_LEVELS)}", EX_UNKNOWN_LEVEL)
     try:
+        if args.analysis_level == "group":
+            return run_group_level(args)
         return run_participant(args)
     except _UsageError as exc:
         return _fail(str(exc), EX_USAGE)

@@ -1,0 +1,156 @@
+"""Nipype interfaces of the group level (thin wrappers over :mod:`dmriharmony.group` and
+:mod:`dmriharmony.reports`; no science here).
+
+- :class:`GroupROITable`: join the per-run ROI rows with ``participants.tsv`` and the site table
+  (:func:`dmriharmony.tbss.roi.build_roi_table`) — the JoinNode target of the participant level;
+- :class:`GroupHarmonize`: every chosen harmonizer and effect estimator side by side on the ROI
+  table (:func:`dmriharmony.group.run_methods`): harmonized tables, effect tables, saved models,
+  the evaluation table, in one output folder;
+- :class:`GroupReport`: the self-contained ``report.html`` (:func:`dmriharmony.reports.report.
+  build_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+
+from nipype.interfaces.base import (  # noqa: E402
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+__all__ = ["GroupHarmonize", "GroupROITable", "GroupReport"]
+
+
+def _opt(value, default=None):
+    return value if isdefined(value) else default
+
+
+class _ROITableInputSpec(BaseInterfaceInputSpec):
+    roi_files = InputMultiObject(File(exists=True), mandatory=True,
+                                 desc="per-run ROI rows (*_desc-skeleton_roi.tsv)")
+    participants_tsv = File(exists=True, desc="BIDS participants.tsv (covariates)")
+    site_table = File(exists=True, desc="site_table.tsv of the participant level")
+
+
+class _ROITableOutputSpec(TraitedSpec):
+    roi_table = File(exists=True, desc="roi_table.tsv: one row per run and metric")
+
+
+class GroupROITable(SimpleInterface):
+    """One group ROI table from the participant level's ROI rows."""
+
+    input_spec = _ROITableInputSpec
+    output_spec = _ROITableOutputSpec
+
+    def _run_interface(self, runtime):
+        import pandas as pd
+
+        from dmriharmony.tbss.roi import build_roi_table, read_roi_rows, write_table
+
+        rows = read_roi_rows(sorted(self.inputs.roi_files))
+        parts = _opt(self.inputs.participants_tsv)
+        if parts is None:
+            parts = pd.DataFrame({"participant_id": sorted({f"sub-{s}" for s in rows["subject"]})})
+        table = build_roi_table(rows, parts, _opt(self.inputs.site_table))
+        out = write_table(table, Path(runtime.cwd) / "roi_table.tsv")
+        self._results["roi_table"] = str(out)
+        return runtime
+
+
+class _HarmonizeInputSpec(BaseInterfaceInputSpec):
+    roi_table = File(exists=True, mandatory=True, desc="group roi_table.tsv")
+    harmonizers = traits.List(traits.Str, mandatory=True,
+                              desc="combat, covbat, gam, meta, mixed (in this order of output)")
+    covariates = traits.List(traits.Str, ["age", "sex"], usedefault=True,
+                             desc="biological covariates protected by the harmonizers")
+    effect = traits.Str("dx", usedefault=True, desc="effect of interest, protected and scored")
+    metrics = traits.List(traits.Str, ["fa", "md"], usedefault=True, desc="metrics to harmonize")
+    rois = traits.List(traits.Str, desc="ROI columns (default: all)")
+    site = traits.Str("site", usedefault=True, desc="site column")
+    ref_site = traits.Str(desc="reference site (ComBat, ComBat-GAM)")
+    seed = traits.Int(0, usedefault=True, desc="seed of the evaluation folds")
+    evaluate = traits.Bool(True, usedefault=True, desc="write the evaluation table")
+    apply_models_dir = Directory(exists=True,
+                                 desc="apply the models saved here instead of fitting")
+
+
+class _HarmonizeOutputSpec(TraitedSpec):
+    out_dir = Directory(exists=True, desc="folder holding every group output")
+    evaluation_file = File(desc="evaluation.tsv (when evaluated)")
+    summary_file = File(desc="evaluation_summary.tsv (when evaluated)")
+    notes_file = File(exists=True, desc="notes.json: what could not be computed, and why")
+
+
+class GroupHarmonize(SimpleInterface):
+    """The harmonizers side by side on the ROI table (:func:`dmriharmony.group.run_methods`)."""
+
+    input_spec = _HarmonizeInputSpec
+    output_spec = _HarmonizeOutputSpec
+
+    def _run_interface(self, runtime):
+        from dmriharmony.group import load_group_tables, run_methods
+
+        out_dir = Path(runtime.cwd) / "group"
+        out_dir.mkdir(exist_ok=True)
+        tables = load_group_tables(self.inputs.roi_table, covariates=self.inputs.covariates,
+                                   effect=self.inputs.effect, metrics=self.inputs.metrics,
+                                   site=self.inputs.site, rois=_opt(self.inputs.rois) or None)
+        written = run_methods(self.inputs.harmonizers, tables, out_dir,
+                              ref_site=_opt(self.inputs.ref_site) or None, seed=self.inputs.seed,
+                              evaluate=self.inputs.evaluate,
+                              apply_models_from=_opt(self.inputs.apply_models_dir))
+        notes = out_dir / "notes.json"
+        notes.write_text(json.dumps(written["notes"], indent=1) + "\n")
+        self._results["out_dir"] = str(out_dir)
+        self._results["notes_file"] = str(notes)
+        if "evaluation" in written:
+            self._results["evaluation_file"] = str(written["evaluation"])
+            self._results["summary_file"] = str(written["evaluation_summary"])
+        return runtime
+
+
+class _ReportInputSpec(BaseInterfaceInputSpec):
+    group_dir = Directory(exists=True, mandatory=True, desc="GroupHarmonize's out_dir")
+    roi_table = File(exists=True, desc="the raw group roi_table.tsv")
+    deriv_dir = Directory(exists=True, desc="derivatives root (site table, per-run QC)")
+    harmonizers = traits.List(traits.Str, mandatory=True)
+    effect = traits.Str("dx", usedefault=True)
+    notes_file = File(exists=True, desc="notes.json")
+    options = traits.Dict(desc="options shown in the report")
+
+
+class _ReportOutputSpec(TraitedSpec):
+    out_report = File(exists=True, desc="report.html")
+
+
+class GroupReport(SimpleInterface):
+    """The self-contained HTML report of the group level."""
+
+    input_spec = _ReportInputSpec
+    output_spec = _ReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from dmriharmony.reports.report import build_report
+
+        notes = []
+        if isdefined(self.inputs.notes_file):
+            notes = json.loads(Path(self.inputs.notes_file).read_text())
+        out = build_report(self.inputs.group_dir,
+                           _opt(self.inputs.deriv_dir, self.inputs.group_dir),
+                           Path(runtime.cwd) / "report.html",
+                           harmonizers=self.inputs.harmonizers, effect=self.inputs.effect,
+                           notes=notes, options=_opt(self.inputs.options),
+                           roi_table=_opt(self.inputs.roi_table))
+        self._results["out_report"] = str(out)
+        return runtime

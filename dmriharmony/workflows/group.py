@@ -1,0 +1,113 @@
+"""The group level as a Nipype graph (nipreps-style ``init_*_wf`` factory).
+
+::
+
+    inputnode(roi_files, participants_tsv, site_table, deriv_dir, apply_models_dir)
+      -> roi_table (GroupROITable: the ROI rows joined with participants.tsv and the sites)
+      -> harmonize (GroupHarmonize: harmonizers and effect estimators side by side, models,
+                    evaluation)
+      -> report (GroupReport: report.html)
+      -> outputnode(roi_table, group_dir, evaluation_file, summary_file, notes_file, report)
+
+``roi_files`` is a list: in the BIDS App it is every ROI row of the participant derivatives; in
+a user's graph it is the output of a JoinNode over the participant iterable (see the README,
+"Embedding"), e.g.::
+
+    join = pe.JoinNode(niu.IdentityInterface(fields=["roi_files"]), joinsource="subjects",
+                       joinfield=["roi_files"], name="join_rois")
+    wf.connect(tbss_wf, "outputnode.roi_tsv", join, "roi_files")
+    wf.connect(join, "roi_files", group_wf, "inputnode.roi_files")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
+
+from nipype.interfaces import utility as niu  # noqa: E402
+from nipype.pipeline import engine as pe  # noqa: E402
+
+from dmriharmony.interfaces.group import GroupHarmonize, GroupReport, GroupROITable  # noqa: E402
+
+__all__ = ["GROUP_OUTPUTS", "init_group_wf"]
+
+GROUP_OUTPUTS = ["roi_table", "group_dir", "evaluation_file", "summary_file", "notes_file",
+                 "report"]
+
+
+def init_group_wf(
+    *,
+    harmonizers: Sequence[str] = ("combat", "covbat", "gam", "meta", "mixed"),
+    covariates: Sequence[str] = ("age", "sex"),
+    effect: str = "dx",
+    metrics: Sequence[str] = ("fa", "md"),
+    ref_site: str | None = None,
+    seed: int = 0,
+    evaluate: bool = True,
+    report: bool = True,
+    options: dict | None = None,
+    name: str = "group_wf",
+) -> pe.Workflow:
+    """ROI-table group level: join the runs, harmonize side by side, evaluate, report.
+
+    Parameters
+    ----------
+    harmonizers : sequence of str
+        Data harmonizers (``combat``, ``covbat``, ``gam``) and effect estimators (``meta``,
+        ``mixed``); see :mod:`dmriharmony.group.harmonize`.
+    covariates, effect : biological covariates and the effect of interest (all protected).
+    metrics : ROI-table metrics to harmonize (``fa``, ``md``, ``ad``, ``rd``).
+    ref_site : optional reference site (ComBat, ComBat-GAM).
+    seed : seed of the evaluation's cross-validation folds.
+    evaluate, report : write the evaluation table / report.html.
+    options : shown in the report's options table.
+    name : workflow name.
+
+    Inputs (``inputnode``)
+    ----------------------
+    roi_files : per-run ROI TSVs; participants_tsv, site_table : optional; deriv_dir : the
+    derivatives root (per-run QC for the report, optional); apply_models_dir : apply saved
+    models instead of fitting (optional).
+
+    Outputs (``outputnode``)
+    ------------------------
+    roi_table, group_dir (every group output), evaluation_file, summary_file, notes_file,
+    report.
+    """
+    from dmriharmony.group.harmonize import check_harmonizers
+
+    names = check_harmonizers(list(harmonizers))  # fail at graph-building time
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["roi_files", "participants_tsv", "site_table", "deriv_dir",
+                "apply_models_dir"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=GROUP_OUTPUTS), name="outputnode")
+
+    table = pe.Node(GroupROITable(), name="roi_table")
+    harm = pe.Node(GroupHarmonize(harmonizers=names, covariates=list(covariates), effect=effect,
+                                  metrics=list(metrics), seed=seed, evaluate=evaluate),
+                   name="harmonize")
+    if ref_site is not None:
+        harm.inputs.ref_site = str(ref_site)
+    wf.connect([
+        (inputnode, table, [("roi_files", "roi_files"), ("participants_tsv", "participants_tsv"),
+                            ("site_table", "site_table")]),
+        (inputnode, harm, [("apply_models_dir", "apply_models_dir")]),
+        (table, harm, [("roi_table", "roi_table")]),
+        (table, outputnode, [("roi_table", "roi_table")]),
+        (harm, outputnode, [("out_dir", "group_dir"), ("evaluation_file", "evaluation_file"),
+                            ("summary_file", "summary_file"), ("notes_file", "notes_file")]),
+    ])
+    if report:
+        rep = pe.Node(GroupReport(harmonizers=names, effect=effect), name="report")
+        if options:
+            rep.inputs.options = {str(k): str(v) for k, v in options.items()}
+        wf.connect([
+            (harm, rep, [("out_dir", "group_dir"), ("notes_file", "notes_file")]),
+            (table, rep, [("roi_table", "roi_table")]),
+            (inputnode, rep, [("deriv_dir", "deriv_dir")]),
+            (rep, outputnode, [("out_report", "report")]),
+        ])
+    return wf
