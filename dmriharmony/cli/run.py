@@ -144,14 +144,22 @@ def _plugin_args(text: str | None) -> dict:
     return value
 
 
-def _crash_line(crash_dir: Path, since: float, exc: BaseException) -> tuple[str, bool]:
+def _crash_files(crash_dir: Path) -> set[Path]:
+    """The crash files in ``crash_dir`` now (to tell the new ones after a run)."""
+    return set(crash_dir.glob("crash-*")) if crash_dir.is_dir() else set()
+
+
+def _new_crash_files(crash_dir: Path, before: set[Path]) -> list[Path]:
+    return sorted(_crash_files(crash_dir) - before, key=lambda f: f.stat().st_mtime)
+
+
+def _crash_line(crash_dir: Path, before: set[Path], exc: BaseException) -> tuple[str, bool]:
     """The root-cause line of a failed run (and whether it is a data error).
 
-    Taken from the first Nipype crash file written since ``since``, else from the exception
+    Taken from the first Nipype crash file not in ``before``, else from the exception
     text (Nipype's Linear plugin raises the node's traceback as text).
     """
-    files = sorted((f for f in crash_dir.glob("crash-*") if f.stat().st_mtime >= since - 1),
-                   key=lambda f: f.stat().st_mtime) if crash_dir.is_dir() else []
+    files = _new_crash_files(crash_dir, before)
     text = files[0].read_text(errors="replace") if files else str(exc)
     where = f" (crash file {files[0]})" if files else ""
     if len(files) > 1:
@@ -267,11 +275,11 @@ def run_participant(args: argparse.Namespace) -> int:
                              options=options, tbss=tbss)
     crash_dir = work_dir / "crash"
     _configure_execution(wf, args, crash_dir)
-    started = time.time()
+    before = _crash_files(crash_dir)
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as exc:  # noqa: BLE001 - Nipype wraps node errors in several types
-        line, data_error = _crash_line(crash_dir, started, exc)
+        line, data_error = _crash_line(crash_dir, before, exc)
         return _fail(line, EX_DATAERR if data_error else EX_SOFTWARE)
     if tbss is not None:
         table_path = _write_group_roi_table(deriv, bids_dir, tbss.space)
@@ -307,8 +315,12 @@ def _configure_execution(wf, args: argparse.Namespace, crash_dir: Path) -> None:
         "check_version": "false",
         "remove_unnecessary_outputs": "false",
     }, "monitoring": {"enabled": "false"}})
+    # the workflow copied the global config when it was built: set what enters node hashes
+    # (remove_unnecessary_outputs) there too, so that a re-run in the same or another process
+    # finds the same hashes and reuses finished nodes
     wf.config["execution"].update({"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                                   "stop_on_first_crash": bool(args.stop_on_first_crash)})
+                                   "stop_on_first_crash": bool(args.stop_on_first_crash),
+                                   "remove_unnecessary_outputs": False})
 
 
 def run_group_level(args: argparse.Namespace) -> int:
@@ -325,7 +337,7 @@ def run_group_level(args: argparse.Namespace) -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"{exc.filename}: cannot create folder ({exc.strerror})", EX_CANTCREAT)
-    started = time.time()
+    before = _crash_files(crash_dir)
     try:
         code, message = run_group(args, plugin=plugin, plugin_args=plugin_args,
                                   configure_execution=lambda wf: _configure_execution(
@@ -337,17 +349,16 @@ def run_group_level(args: argparse.Namespace) -> int:
     except (DmriHarmonyError, OSError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - Nipype wraps node errors in several types
-        line, _ = _crash_line(crash_dir, started, exc)
+        line, _ = _crash_line(crash_dir, before, exc)
         data = "HarmonizationError" in str(exc) or "HarmonizationError" in line or \
-            _crash_mentions(crash_dir, started, "HarmonizationError")
+            _crash_mentions(crash_dir, before, "HarmonizationError")
         return _fail(line, EX_DATAERR if data else EX_SOFTWARE)
     print(message)
     return code
 
 
-def _crash_mentions(crash_dir: Path, since: float, text: str) -> bool:
-    files = [f for f in crash_dir.glob("crash-*") if f.stat().st_mtime >= since - 1] \
-        if crash_dir.is_dir() else []
+def _crash_mentions(crash_dir: Path, before: set[Path], text: str) -> bool:
+    files = _new_crash_files(crash_dir, before)
     return any(text in f.read_text(errors="replace") for f in files)
 
 

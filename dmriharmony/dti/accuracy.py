@@ -56,6 +56,8 @@ def groundtruth_errors(bids_dir: str | Path, deriv_dir: str | Path, *, metric: s
                         keep_default_na=False)
     rows = []
     for fitted in sorted(deriv_dir.glob(f"sub-*/**/*_model-tensor_param-{metric}_dwimap.nii.gz")):
+        if "_space-" in fitted.name:  # template-space maps (TBSS): no native truth to match
+            continue
         prefix = fitted.name.split("_model-tensor")[0]
         rel = fitted.parent.relative_to(deriv_dir)
         truth_file = gt_root / rel / fitted.name

@@ -25,8 +25,10 @@ call these functions).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -291,6 +293,26 @@ def evaluate_methods(names: Sequence[str], table: GroupTable, *, seed: int = 0,
     return out, notes
 
 
+def _note(written: dict[str, Any], text: str) -> None:
+    """Record (and log) a method that could not be run on one metric."""
+    text = " ".join(str(text).split())
+    written["notes"].append(text)
+    LOGGER.warning("%s", text)
+
+
+@contextlib.contextmanager
+def _warnings_as_notes(written: dict[str, Any], prefix: str | None):
+    """Turn the estimators' warnings (e.g. a site dropped from the meta-analysis) into notes;
+    ``prefix=None`` swallows them (already noted)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if prefix is None:
+        return
+    for text in dict.fromkeys(str(w.message) for w in caught):
+        _note(written, f"{prefix}: {text}")
+
+
 def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir: str | Path, *,
                 ref_site: str | None = None, seed: int = 0, evaluate: bool = True,
                 apply_models_from: str | Path | None = None) -> dict[str, Any]:
@@ -302,7 +324,12 @@ def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir:
     ``evaluation_summary.tsv``. With ``apply_models_from`` the data harmonizers are not
     refitted: the saved models are applied and no effects/evaluation are computed for them.
 
-    Returns a dict of what was written and the evaluation notes.
+    A harmonizer or estimator that cannot be fitted on one metric (a rank-deficient design on
+    a small study, too few subjects per site...) is left out for that metric with a note naming
+    it and the reason; the others still run. A wrong ``ref_site`` or a saved model that does
+    not fit the new table raises.
+
+    Returns a dict of what was written and the notes.
     """
     from dmriharmony.evaluation import summarize
     from dmriharmony.harmonizers import meta as meta_mod
@@ -311,38 +338,58 @@ def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir:
     names = check_harmonizers(names)
     written: dict[str, Any] = {"tables": {}, "effects": {}, "models": [], "notes": []}
     models_dir = out_dir / "models"
+    if ref_site is not None:
+        for table in tables.values():
+            if ref_site not in table.sites:
+                raise HarmonizationError(f"--reference-site {ref_site!r} is not one of the "
+                                         f"sites {', '.join(table.sites)}")
+    harmonized: dict[tuple[str, str], pd.DataFrame] = {}
     for name in [n for n in names if n in DATA_HARMONIZERS]:
         frames = []
         for metric, table in tables.items():
             if apply_models_from is not None:
                 frames.append(apply_saved_models(name, table, apply_models_from))
-            else:
-                frames.append(harmonize_table(name, table, ref_site=ref_site,
-                                              models_dir=models_dir))
-                written["models"].append(str(model_path(models_dir, name, metric)))
-        written["tables"][name] = write_tsv(pd.concat(frames, ignore_index=True),
-                                            out_dir / f"roi_table_desc-{name}.tsv")
-        written.setdefault("_harmonized", {})[name] = frames
+                continue
+            try:
+                harm = harmonize_table(name, table, ref_site=ref_site, models_dir=models_dir)
+            except (HarmonizationError, np.linalg.LinAlgError) as exc:
+                _note(written, f"{name} ({metric}): not fitted: {exc}")
+                continue
+            harmonized[name, metric] = harm
+            frames.append(harm)
+            written["models"].append(str(model_path(models_dir, name, metric)))
+        if frames:
+            written["tables"][name] = write_tsv(pd.concat(frames, ignore_index=True),
+                                                out_dir / f"roi_table_desc-{name}.tsv")
     if apply_models_from is not None:
-        written.pop("_harmonized", None)
         return written
     effects: dict[str, list[pd.DataFrame]] = {}
     site_effects = []
     for metric, table in tables.items():
         effects.setdefault("none", []).append(effects_table("none", table))
         for name in names:
-            if name in DATA_HARMONIZERS:
-                harm = written["_harmonized"][name][list(tables).index(metric)]
-                effects.setdefault(name, []).append(effects_table(name, table, harm))
-            else:
-                effects.setdefault(name, []).append(effects_table(name, table))
+            if name in DATA_HARMONIZERS and (name, metric) not in harmonized:
+                continue
+            try:
+                with _warnings_as_notes(written, f"{name} ({metric})"):
+                    eff = effects_table(name, table, harmonized.get((name, metric)))
+                effects.setdefault(name, []).append(eff)
+            except (HarmonizationError, np.linalg.LinAlgError, ValueError) as exc:
+                _note(written, f"{name} ({metric}): no effect estimates: {exc}")
         if "meta" in names:
             others = [c for c in table.covariates if c != table.effect]
-            se = meta_mod.site_effects(table.train, site=table.site, effect=table.effect,
-                                       covariates=others, measure="d", features=table.features)
-            site_effects.append(se.assign(metric=metric))
-    written.pop("_harmonized", None)
+            try:
+                with _warnings_as_notes(written, None):  # same warnings as effects_table's
+                    se = meta_mod.site_effects(table.train, site=table.site, effect=table.effect,
+                                               covariates=others, measure="d",
+                                               features=table.features)
+            except (HarmonizationError, np.linalg.LinAlgError, ValueError) as exc:
+                _note(written, f"meta ({metric}): no per-site effects: {exc}")
+            else:
+                site_effects.append(se.assign(metric=metric))
     for name, frames in effects.items():
+        if not frames:
+            continue
         written["effects"][name] = write_tsv(pd.concat(frames, ignore_index=True),
                                              out_dir / f"effects_desc-{name}.tsv")
     if site_effects:
@@ -351,7 +398,8 @@ def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir:
     if evaluate:
         evals, summaries = [], []
         for metric, table in tables.items():
-            ev, notes = evaluate_methods(names, table, seed=seed, ref_site=ref_site)
+            usable = [n for n in names if n not in DATA_HARMONIZERS or (n, metric) in harmonized]
+            ev, notes = evaluate_methods(usable, table, seed=seed, ref_site=ref_site)
             written["notes"].extend(notes)
             if ev.empty:
                 continue
