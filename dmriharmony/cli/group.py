@@ -49,8 +49,12 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated maps to harmonize (fa, md, ad, rd; default fa,md)")
     g.add_argument("--rois", default=None,
                    help="comma-separated ROI columns (default: every ROI of the table)")
-    g.add_argument("--level", choices=["roi"], default="roi",
-                   help="what is harmonized: the ENIGMA ROI table (roi)")
+    g.add_argument("--level", choices=["roi", "skeleton", "voxel"], default="roi",
+                   help="what is harmonized: the ENIGMA ROI table (roi, every method), the "
+                        "TBSS skeleton voxels or every template-brain voxel (skeleton, voxel: "
+                        "out-of-core voxel ComBat, chunked MapNodes; --harmonizers combat)")
+    g.add_argument("--chunk-size", type=int, default=8192,
+                   help="voxels per chunk of the voxel/skeleton ComBat (default 8192)")
     g.add_argument("--apply-model", type=Path, default=None, metavar="GROUP_DIR",
                    help="harmonize these participants with the models saved by an earlier "
                         "group run (its group/ folder, or its models/ folder) instead of "
@@ -143,6 +147,21 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     output_dir = args.output_dir.resolve()
     deriv = output_dir / "dmriharmony"
     work_dir = (args.work_dir or output_dir / "work").resolve()
+    if args.level != "roi":
+        given = [h.lower() for h in _split(args.harmonizers)]
+        if args.harmonizers == DEFAULT_HARMONIZERS:
+            given = ["combat"]
+        if given != ["combat"]:
+            raise GroupUsageError(f"--level {args.level} harmonizes maps with the out-of-core "
+                                  f"voxel ComBat only: use --harmonizers combat (got "
+                                  f"{','.join(given)}); the other methods work on the ROI "
+                                  "table (--level roi)")
+        if args.apply_model is not None:
+            raise GroupUsageError(f"--apply-model works at --level roi; at --level "
+                                  f"{args.level} apply a saved map model with "
+                                  "dmriharmony.harmonizers.VoxelComBat.load(...).transform_maps")
+        return run_group_maps(args, plugin=plugin, plugin_args=plugin_args,
+                              configure_execution=configure_execution)
     try:
         names = check_harmonizers(_split(args.harmonizers))
     except HarmonizationError as exc:
@@ -224,4 +243,133 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     msg = f"dmriharmony: group level done: outputs in {group_dir}"
     if "report" in results:
         msg += f"\ndmriharmony: report: {group_dir / 'report.html'}"
+    return 0, msg
+
+
+def run_group_maps(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
+                   configure_execution) -> tuple[int, str]:
+    """``--level voxel|skeleton``: voxel ComBat of the template-space maps, one sub-workflow
+    per metric (:func:`dmriharmony.workflows.group.init_group_maps_wf`); harmonized maps go
+    next to each run's maps (``desc-voxelcombat`` / ``desc-skeletoncombat``), the models to
+    ``group/models/<level>combat/``, the traveling-subject RMSE to
+    ``group/evaluation_desc-<level>.tsv``."""
+    import pandas as pd
+    from nipype.pipeline import engine as pe
+
+    from dmriharmony.bids.derivatives import provenance
+    from dmriharmony.group.maps import (
+        OUTPUT_DESC,
+        MissingMapsError,
+        collect_maps,
+        write_level_mask,
+    )
+    from dmriharmony.harmonizers._voxel_io import output_name
+    from dmriharmony.workflows.group import init_group_maps_wf
+
+    bids_dir = args.bids_dir.resolve()
+    output_dir = args.output_dir.resolve()
+    deriv = output_dir / "dmriharmony"
+    work_dir = (args.work_dir or output_dir / "work").resolve()
+    participants = bids_dir / "participants.tsv"
+    if not (deriv / "site_table.tsv").is_file():
+        raise GroupInputError(f"{deriv / 'site_table.tsv'}: not found; run the participant "
+                              f"level into {output_dir} first")
+    if not participants.is_file():
+        raise GroupInputError(f"{participants}: not found; the group level needs the "
+                              "covariates and sites")
+    if args.chunk_size < 1:
+        raise GroupUsageError("--chunk-size must be >= 1")
+    covariates = [c for c in _split(args.covariates) if c != args.effect]
+    covs = [*covariates, args.effect]
+    features = [f.lower() for f in _split(args.features)]
+    options = group_options(args)
+    inputs_dir = work_dir / f"group_{args.level}_inputs"
+    inputs_dir.mkdir(parents=True, exist_ok=True)
+    wf = pe.Workflow(name=f"dmriharmony_group_{args.level}_wf", base_dir=str(work_dir))
+    sets = {}
+    for metric in features:
+        try:
+            maps = collect_maps(deriv, participants, metric=metric, level=args.level,
+                                covariates=covariates, effect=args.effect)
+        except MissingMapsError as exc:
+            raise GroupInputError(str(exc)) from None
+        if args.reference_site is not None and args.reference_site not in set(maps.train["site"]):
+            raise GroupUsageError(f"--reference-site {args.reference_site!r} is not one of the "
+                                  f"sites {', '.join(sorted(set(maps.train['site'])))}")
+        sets[metric] = maps
+        mask = write_level_mask(maps, inputs_dir / f"{args.level}_mask.nii.gz")
+        train, trav = maps.train, maps.traveling
+        train[covs].to_csv(inputs_dir / f"{metric}_train_covariates.tsv", sep="\t", index=False)
+        sub = init_group_maps_wf(covariates=covs, traveling=len(trav) > 0,
+                                 chunk_size=args.chunk_size, ref_site=args.reference_site,
+                                 name=f"{metric}_wf")
+        node = sub.get_node("inputnode")
+        node.inputs.train_files = list(train["path"])
+        node.inputs.train_sites = list(train["site"])
+        node.inputs.train_covariates_tsv = str(inputs_dir / f"{metric}_train_covariates.tsv")
+        node.inputs.mask_file = str(mask)
+        node.inputs.metric = metric
+        if len(trav):
+            trav[covs].to_csv(inputs_dir / f"{metric}_trav_covariates.tsv", sep="\t",
+                              index=False)
+            node.inputs.trav_files = list(trav["path"])
+            node.inputs.trav_sites = list(trav["site"])
+            node.inputs.trav_subjects = list(trav["subject"])
+            node.inputs.trav_covariates_tsv = str(inputs_dir / f"{metric}_trav_covariates.tsv")
+        wf.add_nodes([sub])
+    configure_execution(wf)
+    t0 = time.perf_counter()
+    graph = wf.run(plugin=plugin, plugin_args=plugin_args)
+    LOGGER.info("group %s workflow ran in %.1f s", args.level, time.perf_counter() - t0)
+    results = {}
+    for n in graph.nodes():
+        results[n.fullname.split(".", 1)[-1]] = n.result.outputs
+
+    desc = OUTPUT_DESC[args.level]
+    staging = Path(tempfile.mkdtemp(prefix=".group-", dir=deriv))
+    evals = []
+    try:
+        for metric, maps in sets.items():
+            written = results[f"{metric}_wf.voxel_combat_wf.write_maps"].out_files
+            pairs = list(zip(maps.train["path"], written, strict=True))
+            if len(maps.traveling):
+                applied = results[f"{metric}_wf.apply_traveling"].out_files
+                pairs += list(zip(maps.traveling["path"], applied, strict=True))
+                evals.append(pd.read_csv(results[f"{metric}_wf.traveling_eval"].out_file,
+                                         sep="\t"))
+            for src, harm in pairs:
+                dst = staging / Path(src).parent.relative_to(deriv) / output_name(src, desc)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(harm, dst)
+                meta = provenance(sources=[src], description=f"{metric.upper()} map harmonized "
+                                  f"with voxel ComBat ({args.level} level)",
+                                  extra={"Options": options, "Harmonizer": "ComBat (voxelwise, "
+                                         "out of core)", "Template": maps.template})
+                dst.with_name(dst.name.replace(".nii.gz", ".json")).write_text(
+                    json.dumps(meta, indent=2) + "\n")
+            model = results[f"{metric}_wf.voxel_combat_wf.pool"].model_file
+            mdst = staging / "group" / "models" / f"{args.level}combat" / \
+                f"{metric}_model{''.join(Path(model).suffixes)}"
+            mdst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(model, mdst)
+            shutil.copy2(inputs_dir / f"{args.level}_mask.nii.gz",
+                         mdst.parent / f"{args.level}_mask.nii.gz")
+        if evals:
+            from dmriharmony.group.harmonize import write_tsv
+
+            write_tsv(pd.concat(evals, ignore_index=True),
+                      staging / "group" / f"evaluation_desc-{args.level}.tsv")
+        _sidecars(staging / "group", options, [str(participants),
+                                                str(deriv / "site_table.tsv")])
+        _install(staging, deriv)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    n = sum(len(m.table) for m in sets.values())
+    msg = (f"dmriharmony: group level ({args.level}) done: {n} map(s) harmonized "
+           f"(*_desc-{desc}_dwimap.nii.gz next to each run's maps); models in "
+           f"{deriv / 'group' / 'models' / f'{args.level}combat'}")
+    if evals:
+        e = pd.concat(evals)
+        msg += "\ndmriharmony: traveling subjects' between-site RMSE reduction: " + ", ".join(
+            f"{m} {g['reduction'].mean():.0%}" for m, g in e.groupby("metric"))
     return 0, msg

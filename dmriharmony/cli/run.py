@@ -299,22 +299,44 @@ def _plugin(args: argparse.Namespace) -> tuple[str, dict]:
     if not hasattr(nipype_plugins, f"{plugin}Plugin"):
         known = sorted(n[:-6] for n in dir(nipype_plugins) if n.endswith("Plugin") and n[0] != "_")
         raise _UsageError(f"--plugin {plugin}: unknown Nipype plugin; one of {', '.join(known)}")
+    args._plugin_args = plugin_args  # _configure_execution moves execution settings out
     if plugin == "MultiProc":
         plugin_args.setdefault("n_procs", args.nprocs)
         plugin_args.setdefault("raise_insufficient", False)
+    if plugin in _BATCH_PLUGINS:
+        # Nipype's batch plugins read $LOGNAME (absent in many containers and cron/CI jobs)
+        import getpass
+
+        try:
+            os.environ.setdefault("LOGNAME", getpass.getuser())
+        except (KeyError, OSError):  # no passwd entry for the uid (docker -u 12345)
+            os.environ.setdefault("LOGNAME", str(os.getuid()))
     return plugin, plugin_args
+
+
+#: Nipype plugins that submit each node to a batch system.
+_BATCH_PLUGINS = {"SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph", "LSF", "OAR",
+                  "Condor", "DAGMan"}
 
 
 def _configure_execution(wf, args: argparse.Namespace, crash_dir: Path) -> None:
     """Nipype execution settings: crash files in the work folder, no network, keep outputs."""
     from nipype import config as nipype_config
 
-    nipype_config.update_config({"execution": {
+    execution = {
         "crashdump_dir": str(crash_dir), "crashfile_format": "txt",
         "stop_on_first_crash": str(bool(args.stop_on_first_crash)).lower(),
         "check_version": "false",
         "remove_unnecessary_outputs": "false",
-    }, "monitoring": {"enabled": "false"}})
+    }
+    # how often a batch plugin polls the queue is an execution setting in Nipype, not a plugin
+    # argument: accept it in --plugin-args (where users look for it) and move it
+    poll = (getattr(args, "_plugin_args", None) or {}).pop("poll_sleep_duration", None)
+    if poll is not None:
+        execution["poll_sleep_duration"] = str(poll)
+    nipype_config.update_config({"execution": execution, "monitoring": {"enabled": "false"}})
+    if poll is not None:
+        wf.config["execution"]["poll_sleep_duration"] = str(poll)
     # the workflow copied the global config when it was built: set what enters node hashes
     # (remove_unnecessary_outputs) there too, so that a re-run in the same or another process
     # finds the same hashes and reuses finished nodes

@@ -29,7 +29,7 @@ from nipype.interfaces.base import (  # noqa: E402
     traits,
 )
 
-__all__ = ["GroupHarmonize", "GroupROITable", "GroupReport"]
+__all__ = ["GroupHarmonize", "GroupROITable", "GroupReport", "TravelingMapsEvaluation"]
 
 
 def _opt(value, default=None):
@@ -153,4 +153,51 @@ class GroupReport(SimpleInterface):
                            notes=notes, options=_opt(self.inputs.options),
                            roi_table=_opt(self.inputs.roi_table))
         self._results["out_report"] = str(out)
+        return runtime
+
+
+class _TravelingMapsInputSpec(BaseInterfaceInputSpec):
+    before_files = InputMultiObject(File(exists=True), mandatory=True,
+                                    desc="traveling subjects' maps before harmonization")
+    after_files = InputMultiObject(File(exists=True), mandatory=True,
+                                   desc="the same maps harmonized, same order")
+    subjects = traits.List(traits.Str, mandatory=True, desc="subject of each map")
+    sites = traits.List(traits.Str, mandatory=True, desc="site of each map")
+    mask_file = File(exists=True, mandatory=True, desc="voxels compared")
+    metric = traits.Str(mandatory=True)
+
+
+class _TravelingMapsOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="TSV: one row per traveling subject")
+
+
+class TravelingMapsEvaluation(SimpleInterface):
+    """Between-site voxelwise RMSE of each traveling subject before/after
+    (:func:`dmriharmony.evaluation.traveling_maps.rmse_reduction`)."""
+
+    input_spec = _TravelingMapsInputSpec
+    output_spec = _TravelingMapsOutputSpec
+
+    def _run_interface(self, runtime):
+        import pandas as pd
+
+        from dmriharmony.evaluation.traveling_maps import rmse_reduction
+
+        inp = self.inputs
+        n = len(inp.before_files)
+        if not (len(inp.after_files) == len(inp.subjects) == len(inp.sites) == n):
+            raise ValueError("before_files, after_files, subjects and sites differ in length")
+        rows = []
+        for sub in sorted(set(inp.subjects)):
+            idx = [i for i in range(n) if inp.subjects[i] == sub]
+            if len({inp.sites[i] for i in idx}) < 2:
+                continue
+            before = {inp.sites[i]: inp.before_files[i] for i in idx}
+            after = {inp.sites[i]: inp.after_files[i] for i in idx}
+            rows.append({"subject": sub, "metric": inp.metric, "n_sites": len(idx),
+                         **rmse_reduction(before, after, inp.mask_file)})
+        out = Path(runtime.cwd) / f"traveling_{inp.metric}.tsv"
+        pd.DataFrame(rows).to_csv(out, sep="\t", index=False, na_rep="n/a",
+                                  float_format="%.10g")
+        self._results["out_file"] = str(out)
         return runtime

@@ -31,7 +31,7 @@ from nipype.pipeline import engine as pe  # noqa: E402
 
 from dmriharmony.interfaces.group import GroupHarmonize, GroupReport, GroupROITable  # noqa: E402
 
-__all__ = ["GROUP_OUTPUTS", "init_group_wf"]
+__all__ = ["GROUP_OUTPUTS", "init_group_maps_wf", "init_group_wf"]
 
 GROUP_OUTPUTS = ["roi_table", "group_dir", "evaluation_file", "summary_file", "notes_file",
                  "report"]
@@ -109,5 +109,76 @@ def init_group_wf(
             (table, rep, [("roi_table", "roi_table")]),
             (inputnode, rep, [("deriv_dir", "deriv_dir")]),
             (rep, outputnode, [("out_report", "report")]),
+        ])
+    return wf
+
+
+def init_group_maps_wf(
+    *,
+    covariates: Sequence[str],
+    traveling: bool = False,
+    chunk_size: int = 8192,
+    ref_site: str | None = None,
+    name: str = "group_maps_wf",
+) -> pe.Workflow:
+    """Voxel or skeleton ComBat of one metric's template-space maps (out of core, chunked).
+
+    ::
+
+        inputnode -> voxel_combat_wf (MapNodes over voxel chunks) -> outputnode.train_files
+                                     -> apply_traveling (ApplyVoxelComBat) -> traveling_files
+                                     -> traveling_eval (TravelingMapsEvaluation) -> evaluation
+
+    Parameters
+    ----------
+    covariates : columns of the covariates TSVs protected by ComBat (the effect included).
+    traveling : whether traveling subjects' maps are given (harmonized with the fitted model
+        and scored by their between-site RMSE).
+    chunk_size : voxels per MapNode iteration.
+    ref_site : optional ComBat reference site.
+
+    Inputs (``inputnode``)
+    ----------------------
+    train_files, train_sites, train_covariates_tsv : the fit set; mask_file;
+    trav_files, trav_sites, trav_subjects, trav_covariates_tsv : traveling subjects' maps.
+
+    Outputs (``outputnode``)
+    ------------------------
+    train_files, traveling_files (harmonized), model_file, evaluation (traveling TSV).
+    """
+    from dmriharmony.interfaces.group import TravelingMapsEvaluation
+    from dmriharmony.interfaces.voxel_combat import ApplyVoxelComBat
+    from dmriharmony.workflows.voxel_combat import init_voxel_combat_wf
+
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=[
+        "train_files", "train_sites", "train_covariates_tsv", "mask_file", "trav_files",
+        "trav_sites", "trav_subjects", "trav_covariates_tsv", "metric"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=[
+        "train_files", "traveling_files", "model_file", "evaluation"]), name="outputnode")
+    combat = init_voxel_combat_wf(name="voxel_combat_wf", chunk_size=chunk_size,
+                                  ref_site=ref_site)
+    combat.inputs.inputnode.covariates = list(covariates)
+    wf.connect([
+        (inputnode, combat, [("train_files", "inputnode.in_files"),
+                             ("train_sites", "inputnode.sites"),
+                             ("train_covariates_tsv", "inputnode.covariates_tsv"),
+                             ("mask_file", "inputnode.mask_file")]),
+        (combat, outputnode, [("outputnode.out_files", "train_files"),
+                              ("outputnode.model_file", "model_file")]),
+    ])
+    if traveling:
+        apply = pe.Node(ApplyVoxelComBat(covariates=list(covariates)), name="apply_traveling")
+        ev = pe.Node(TravelingMapsEvaluation(), name="traveling_eval")
+        wf.connect([
+            (combat, apply, [("outputnode.model_file", "model_file")]),
+            (inputnode, apply, [("trav_files", "in_files"), ("trav_sites", "sites"),
+                                ("trav_covariates_tsv", "covariates_file")]),
+            (apply, outputnode, [("out_files", "traveling_files")]),
+            (inputnode, ev, [("trav_files", "before_files"), ("trav_subjects", "subjects"),
+                             ("trav_sites", "sites"), ("mask_file", "mask_file"),
+                             ("metric", "metric")]),
+            (apply, ev, [("out_files", "after_files")]),
+            (ev, outputnode, [("out_file", "evaluation")]),
         ])
     return wf
