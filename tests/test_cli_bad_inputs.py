@@ -206,8 +206,11 @@ def test_unknown_level_and_filters(tmp_path, capsys):
     root = tmp_path / "ds"
     write_bids_dataset(root, ("01",), sessions=("A",), **SMALL)
     out = tmp_path / "out"
-    assert main([str(root), str(out), "group"]) == 17
-    assert "group" in capsys.readouterr().err
+    assert main([str(root), str(out), "session"]) == 17
+    assert "session" in capsys.readouterr().err
+    # the group level before any participant output: the missing input is named (66)
+    assert main([str(root), str(out), "group"]) == 66
+    assert "run the participant level" in capsys.readouterr().err
     assert main([str(root), str(out), "participant", "--participant-label", "99"]) == 18
     assert "99" in capsys.readouterr().err
     assert main([str(root), str(out), "participant", "--participant_label", "sub-01",
