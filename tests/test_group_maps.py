@@ -66,7 +66,8 @@ def maps_study(tmp_path_factory):
         for _ in range(N_PER_SITE):
             k += 1
             age, dx = float(rng.uniform(20, 70)), int(k % 2)
-            parts.append({"participant_id": f"sub-{k:02d}", "age": age, "sex": "MF"[int(rng.integers(2))],
+            sex = "MF"[int(rng.integers(2))]
+            parts.append({"participant_id": f"sub-{k:02d}", "age": age, "sex": sex,
                           "dx": dx, "traveling": "no"})
             scan(f"{k:02d}", None, site, age, dx, rng.normal(0, 0.005, base.shape))
     for t in (1, 2):
