@@ -19,7 +19,7 @@ import pytest
 from dmriharmony.cli.run import main
 
 pytestmark = pytest.mark.slow
-ALL = "combat,covbat,gam,meta,mixed"
+ALL = "combat,covbat,gam,meta,mixed,rish"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_combat_site_effect_removed_on_real_pipeline_output(e2e):
     s = pd.read_csv(e2e["group"] / "evaluation_summary.tsv", sep="\t",
                     na_values=["n/a"]).set_index(["harmonizer", "param"])
     # MD carries the strongest scanner effect of the phantom (b-value dependence)
-    assert s.loc[("none", "md"), "site_acc_before"] > s.loc[("none", "md"), "chance"] + 0.2
+    assert s.loc[("none", "md"), "site_acc_before"] > s.loc[("none", "md"), "chance"] + 0.1
     assert s.loc[("combat", "md"), "site_acc_after"] < s.loc[("none", "md"), "site_acc_before"]
     assert s.loc[("combat", "md"), "traveling_cv_after"] < s.loc[("combat", "md"),
                                                                  "traveling_cv_before"]

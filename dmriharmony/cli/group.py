@@ -98,6 +98,27 @@ def _install(staging: Path, group_dir: Path) -> list[Path]:
     return moved
 
 
+#: ROI-level group outputs that a new ROI-level run replaces (others, e.g. the voxel level's,
+#: stay): a method run before but not now must not look current.
+_ROI_LEVEL_OUTPUTS = ("roi_table_desc-*", "effects_desc-*", "site_effects_desc-*",
+                      "evaluation.*", "evaluation_summary.*", "evaluation_desc-rish.*",
+                      "rish_runs.*", "report.*")
+
+
+def _remove_stale(group_dir: Path, staging: Path) -> None:
+    """Delete ROI-level outputs (and models) of earlier runs that this run does not write."""
+    for pattern in _ROI_LEVEL_OUTPUTS:
+        for f in group_dir.glob(pattern):
+            if f.is_file() and not (staging / f.name).exists():
+                f.unlink()
+    models = group_dir / "models"
+    if models.is_dir():
+        for sub in models.iterdir():  # the voxel/skeleton levels' models stay
+            if sub.is_dir() and sub.name in ("combat", "covbat", "gam", "rish") and \
+                    not (staging / "models" / sub.name).exists():
+                shutil.rmtree(sub)
+
+
 def _sidecars(staging: Path, options: dict, sources: list[str]) -> None:
     """A provenance JSON next to every table and model of the group outputs."""
     from dmriharmony import __version__
@@ -134,6 +155,22 @@ def _sidecars(staging: Path, options: dict, sources: list[str]) -> None:
         if side.exists() and f.suffix == ".npz":
             continue
         side.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+
+
+def _stage_map(src: Path, final: Path, staging_root: Path, options: dict) -> None:
+    """Copy a harmonized per-run map into the staging tree (same place as ``final`` under the
+    derivatives root) with its provenance sidecar."""
+    from dmriharmony.bids.derivatives import provenance
+
+    rel = final.relative_to(staging_root.parent)  # the staging folder is in the derivatives
+    dst = staging_root / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+    meta = provenance(sources=[str(final).replace("_desc-rish", "")],
+                      description="map refitted after RISH harmonization of the DWI",
+                      extra={"Options": options, "Harmonizer": "RISH (Mirzaalian et al. 2016)"})
+    dst.with_name(dst.name.replace(".nii.gz", ".json")).write_text(
+        json.dumps(meta, indent=2) + "\n")
 
 
 def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
@@ -212,6 +249,16 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     wf.inputs.inputnode.deriv_dir = str(deriv)
     if models is not None:
         wf.inputs.inputnode.apply_models_dir = str(models)
+    if "rish" in names:
+        if models is not None:
+            raise GroupUsageError("--apply-model: a RISH model is applied to new DWI runs by "
+                                  "re-running the group level with them; drop rish")
+        side = rows[0].with_name(rows[0].name.replace(".tsv", ".json"))
+        tpl = json.loads(side.read_text()).get("Template", {}) if side.is_file() else {}
+        wf.inputs.inputnode.bids_dir = str(bids_dir)
+        wf.inputs.inputnode.template_source = tpl.get("TemplateSource") or "phantom"
+        if tpl.get("TemplateDir"):
+            wf.inputs.inputnode.template_dir = tpl["TemplateDir"]
     if args.rois:
         wf.get_node("harmonize").inputs.rois = _split(args.rois)
     configure_execution(wf)
@@ -222,7 +269,9 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
 
     group_dir = deriv / "group"
     group_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".group-", dir=deriv))
+    staging_root = Path(tempfile.mkdtemp(prefix=".group-", dir=deriv))
+    staging = staging_root / "group"
+    staging.mkdir()
     try:
         harm_dir = Path(results["harmonize"].out_dir)
         for f in sorted(p for p in harm_dir.rglob("*") if p.is_file() and p.name != "notes.json"):
@@ -233,11 +282,24 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
         if "report" in results:
             shutil.copy2(results["report"].out_report, staging / "report.html")
         notes = json.loads(Path(results["harmonize"].notes_file).read_text())
+        if "rish" in results:
+            r = results["rish"]
+            maps = Path(r.maps_dir)
+            for f in sorted(p for p in maps.rglob("*.nii.gz")):
+                _stage_map(f, deriv / f.relative_to(maps), staging_root, options)
+            mdir = staging / "models" / "rish"
+            mdir.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(r.model_file, mdir / "rish_model.npz")
+            shutil.copy2(r.sites_file, staging / "rish_runs.tsv")
+            if r.traveling_file:
+                shutil.copy2(r.traveling_file, staging / "evaluation_desc-rish.tsv")
+            notes = [*notes, *json.loads(Path(r.notes_file).read_text())]
         _sidecars(staging, options, [str(participants), str(site_table),
                                      f"{len(rows)} ROI rows under {deriv}"])
-        _install(staging, group_dir)
+        _remove_stale(group_dir, staging)
+        _install(staging_root, deriv)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging_root, ignore_errors=True)
     for n in notes:
         LOGGER.warning("%s", n)
     msg = f"dmriharmony: group level done: outputs in {group_dir}"

@@ -40,7 +40,8 @@ import pandas as pd
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.group.table import GroupTable
 
-__all__ = ["DATA_HARMONIZERS", "ESTIMATORS", "KNOWN_HARMONIZERS", "apply_saved_models",
+__all__ = ["DATA_HARMONIZERS", "ESTIMATORS", "KNOWN_HARMONIZERS", "PRECOMPUTED", "Precomputed",
+           "align_precomputed", "apply_saved_models",
            "run_methods", "check_harmonizers", "effects_table", "evaluate_methods",
            "harmonize_table", "model_path", "write_tsv"]
 
@@ -70,25 +71,30 @@ DATA_HARMONIZERS: dict[str, Callable[[str | None], Any]] = {
     "combat": _combat, "covbat": _covbat, "gam": _gam}
 #: effect estimators (no harmonized data).
 ESTIMATORS = ("meta", "mixed")
-#: methods that work on DWI/SH rather than ROI tables (RISH, VAE): not run from ROI tables.
-DWI_LEVEL = {"rish": "RISH harmonizes the DWI signal (SH features)",
-             "vae": "the VAE harmonizes the DWI signal (SH features)"}
-KNOWN_HARMONIZERS = (*DATA_HARMONIZERS, *ESTIMATORS, *DWI_LEVEL)
+#: signal-level harmonizers whose ROI table is made upstream from the DWI (given to
+#: :func:`run_methods` as ``precomputed``): RISH (:mod:`dmriharmony.group.rish`).
+PRECOMPUTED = ("rish",)
+#: methods not available at the group level yet.
+DWI_LEVEL = {"vae": "the site-adversarial VAE harmonizes the DWI signal; its conversion of "
+                    "whole subjects (encode, decode with a target site, refit DTI) is not wired "
+                    "into the group level yet (issue 6)"}
+KNOWN_HARMONIZERS = (*DATA_HARMONIZERS, *ESTIMATORS, *PRECOMPUTED, *DWI_LEVEL)
 
 
 def check_harmonizers(names: Sequence[str]) -> list[str]:
     """Validate ``--harmonizers`` (order kept, duplicates dropped)."""
     names = [n.strip().lower() for n in names if n.strip()]
     if not names:
-        raise HarmonizationError("no harmonizer given (--harmonizers combat,covbat,gam,meta,mixed)")
+        raise HarmonizationError("no harmonizer given (--harmonizers combat,covbat,gam,meta,mixed"
+                                 ",rish)")
+    usable = (*DATA_HARMONIZERS, *ESTIMATORS, *PRECOMPUTED)
     for n in names:
         if n in DWI_LEVEL:
-            raise HarmonizationError(
-                f"harmonizer {n!r}: {DWI_LEVEL[n]} and is not available at the ROI-table group "
-                "level yet; use combat, covbat, gam, meta, mixed")
-        if n not in DATA_HARMONIZERS and n not in ESTIMATORS:
+            raise HarmonizationError(f"harmonizer {n!r}: {DWI_LEVEL[n]}; use "
+                                     f"{', '.join(usable)}")
+        if n not in usable:
             raise HarmonizationError(f"unknown harmonizer {n!r}; choose from "
-                                     f"{', '.join((*DATA_HARMONIZERS, *ESTIMATORS))}")
+                                     f"{', '.join(usable)}")
     return list(dict.fromkeys(names))
 
 
@@ -211,7 +217,7 @@ def effects_table(method: str, table: GroupTable,
         a = _pooled_effects(table.train, table, site_term=False).assign(model="pooled")
         b = _pooled_effects(table.train, table, site_term=True).assign(model="site_fixed")
         out = pd.concat([a, b])
-    elif method in DATA_HARMONIZERS:
+    elif method in DATA_HARMONIZERS or method in PRECOMPUTED:
         if harmonized is None:
             raise HarmonizationError(f"{method}: harmonized rows needed")
         train = harmonized.iloc[:len(table.train)]
@@ -253,12 +259,44 @@ def _spec(name: str, ref_site: str | None):
         return meta_analysis("REML")
     if name == "mixed":
         return mixed_model(reml=True)
+    if name in PRECOMPUTED:
+        raise HarmonizationError(f"{name}: precomputed harmonization needs its table")
     return DATA_HARMONIZERS[name](ref_site)
 
 
+class Precomputed:
+    """A harmonization computed upstream (RISH on the DWI) seen through the harmonizer API.
+
+    ``transform`` returns, for each raw row, the harmonized row of the same run (looked up by
+    the raw values); ``fit`` does nothing. In the cross-validated site prediction this is
+    *not* refitted inside each fold (the RISH templates were built from every training run),
+    so its "after" accuracy is the leaky kind; the report says so.
+    """
+
+    def __init__(self, lookup: dict[bytes, np.ndarray]) -> None:
+        self.lookup = lookup
+
+    @staticmethod
+    def key(row: np.ndarray) -> bytes:
+        return np.round(np.asarray(row, float), 12).tobytes()
+
+    def fit(self, X, sites, covariates=None) -> Precomputed:
+        return self
+
+    def transform(self, X, sites=None, covariates=None) -> np.ndarray:
+        X = np.asarray(X, float)
+        try:
+            return np.vstack([self.lookup[self.key(r)] for r in X])
+        except KeyError:
+            raise HarmonizationError("a row to transform was not in the precomputed "
+                                     "harmonization (new subjects need the DWI pipeline)") \
+                from None
+
+
 def evaluate_methods(names: Sequence[str], table: GroupTable, *, seed: int = 0,
-                     ref_site: str | None = None,
-                     n_splits: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+                     ref_site: str | None = None, n_splits: int | None = None,
+                     precomputed: Mapping[str, pd.DataFrame] | None = None,
+                     ) -> tuple[pd.DataFrame, list[str]]:
     """:func:`~dmriharmony.evaluation.compare_harmonizers` on one metric, method by method.
 
     Returns the tidy evaluation (``harmonizer`` and ``param``, the map, columns added) and notes for
@@ -276,8 +314,18 @@ def evaluate_methods(names: Sequence[str], table: GroupTable, *, seed: int = 0,
         trav = table.traveling
     for name in ["none", *[n for n in names if n != "none"]]:
         try:
+            if name in PRECOMPUTED:
+                if precomputed is None or name not in precomputed:
+                    continue
+                harm = precomputed[name]
+                lookup = {Precomputed.key(r): h for r, h in zip(
+                    table.all_rows()[table.features].to_numpy(float),
+                    harm[table.features].to_numpy(float), strict=True)}
+                spec = partial(Precomputed, lookup)
+            else:
+                spec = _spec(name, ref_site)
             res = compare_harmonizers(
-                {name: _spec(name, ref_site)}, table.train, features=table.features,
+                {name: spec}, table.train, features=table.features,
                 site=table.site, covariates=table.covariates, effect=table.effect,
                 traveling=trav, n_splits=folds, seed=seed)
         except (HarmonizationError, ValueError, np.linalg.LinAlgError) as exc:
@@ -313,9 +361,43 @@ def _warnings_as_notes(written: dict[str, Any], prefix: str | None):
         _note(written, f"{prefix}: {text}")
 
 
+def align_precomputed(source: str | Path | pd.DataFrame, table: GroupTable,
+                      name: str) -> pd.DataFrame:
+    """The rows of a harmonized ROI table made upstream, in the order of ``table.all_rows()``.
+
+    Matched on (subject, session, run) and metric; a run missing from it raises, naming it.
+    """
+    from dmriharmony.group.table import read_roi_table
+
+    src = read_roi_table(source) if not isinstance(source, pd.DataFrame) else source.copy()
+    src["metric"] = src["metric"].astype(str).str.lower()
+    src = src[src["metric"] == table.metric]
+    keys = ["subject", "session", "run"]
+
+    def norm(df):
+        return [tuple("n/a" if pd.isna(v) else str(v) for v in r) for r in df[keys].to_numpy()]
+
+    index = dict(zip(norm(src), range(len(src)), strict=True))
+    rows = table.all_rows()
+    out = rows.copy()
+    pos = []
+    for k in norm(rows):
+        if k not in index:
+            raise HarmonizationError(f"run sub-{k[0]} (session {k[1]}) has no {name} "
+                                     f"{table.metric} row")
+        pos.append(index[k])
+    missing = [f for f in table.features if f not in src.columns]
+    if missing:
+        raise HarmonizationError(f"ROI {missing[0]!r} missing from the {name} table")
+    out[table.features] = src.iloc[pos][table.features].to_numpy(float)
+    return out
+
+
 def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir: str | Path, *,
                 ref_site: str | None = None, seed: int = 0, evaluate: bool = True,
-                apply_models_from: str | Path | None = None) -> dict[str, Any]:
+                apply_models_from: str | Path | None = None,
+                precomputed: Mapping[str, str | Path | pd.DataFrame] | None = None,
+                ) -> dict[str, Any]:
     """Everything the group level writes into ``out_dir`` (normally a temporary folder).
 
     Files: ``roi_table_desc-<h>.tsv`` per data harmonizer (all metrics, training and traveling
@@ -361,6 +443,22 @@ def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir:
         if frames:
             written["tables"][name] = write_tsv(pd.concat(frames, ignore_index=True),
                                                 out_dir / f"roi_table_desc-{name}.tsv")
+    for name in [n for n in names if n in PRECOMPUTED]:
+        if precomputed is None or name not in precomputed:
+            raise HarmonizationError(f"{name} harmonizes the DWI: give its ROI table "
+                                     "(the group workflow's RISH step makes it)")
+        frames = []
+        for metric, table in tables.items():
+            try:
+                harm = align_precomputed(precomputed[name], table, name)
+            except HarmonizationError as exc:
+                _note(written, f"{name} ({metric}): {exc}")
+                continue
+            harmonized[name, metric] = harm
+            frames.append(harm)
+        if frames:
+            written["tables"][name] = write_tsv(pd.concat(frames, ignore_index=True),
+                                                out_dir / f"roi_table_desc-{name}.tsv")
     if apply_models_from is not None:
         return written
     effects: dict[str, list[pd.DataFrame]] = {}
@@ -368,7 +466,7 @@ def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir:
     for metric, table in tables.items():
         effects.setdefault("none", []).append(effects_table("none", table))
         for name in names:
-            if name in DATA_HARMONIZERS and (name, metric) not in harmonized:
+            if name in (*DATA_HARMONIZERS, *PRECOMPUTED) and (name, metric) not in harmonized:
                 continue
             try:
                 with _warnings_as_notes(written, f"{name} ({metric})"):
@@ -398,8 +496,11 @@ def run_methods(names: Sequence[str], tables: Mapping[str, GroupTable], out_dir:
     if evaluate:
         evals, summaries = [], []
         for metric, table in tables.items():
-            usable = [n for n in names if n not in DATA_HARMONIZERS or (n, metric) in harmonized]
-            ev, notes = evaluate_methods(usable, table, seed=seed, ref_site=ref_site)
+            usable = [n for n in names if n not in (*DATA_HARMONIZERS, *PRECOMPUTED)
+                      or (n, metric) in harmonized]
+            pre = {n: harmonized[n, metric] for n in PRECOMPUTED if (n, metric) in harmonized}
+            ev, notes = evaluate_methods(usable, table, seed=seed, ref_site=ref_site,
+                                         precomputed=pre)
             written["notes"].extend(notes)
             if ev.empty:
                 continue

@@ -29,7 +29,8 @@ from nipype.interfaces.base import (  # noqa: E402
     traits,
 )
 
-__all__ = ["GroupHarmonize", "GroupROITable", "GroupReport", "TravelingMapsEvaluation"]
+__all__ = ["GroupHarmonize", "GroupROITable", "GroupReport", "RISHStudy",
+           "TravelingMapsEvaluation"]
 
 
 def _opt(value, default=None):
@@ -83,6 +84,7 @@ class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     evaluate = traits.Bool(True, usedefault=True, desc="write the evaluation table")
     apply_models_dir = Directory(exists=True,
                                  desc="apply the models saved here instead of fitting")
+    rish_table = File(exists=True, desc="ROI table of the RISH-harmonized maps (RISHStudy)")
 
 
 class _HarmonizeOutputSpec(TraitedSpec):
@@ -109,7 +111,9 @@ class GroupHarmonize(SimpleInterface):
         written = run_methods(self.inputs.harmonizers, tables, out_dir,
                               ref_site=_opt(self.inputs.ref_site) or None, seed=self.inputs.seed,
                               evaluate=self.inputs.evaluate,
-                              apply_models_from=_opt(self.inputs.apply_models_dir))
+                              apply_models_from=_opt(self.inputs.apply_models_dir),
+                              precomputed={"rish": self.inputs.rish_table}
+                              if isdefined(self.inputs.rish_table) else None)
         notes = out_dir / "notes.json"
         notes.write_text(json.dumps(written["notes"], indent=1) + "\n")
         self._results["out_dir"] = str(out_dir)
@@ -200,4 +204,66 @@ class TravelingMapsEvaluation(SimpleInterface):
         pd.DataFrame(rows).to_csv(out, sep="\t", index=False, na_rep="n/a",
                                   float_format="%.10g")
         self._results["out_file"] = str(out)
+        return runtime
+
+
+class _RISHInputSpec(BaseInterfaceInputSpec):
+    bids_dir = Directory(exists=True, mandatory=True, desc="raw BIDS dataset (the DWI)")
+    deriv_dir = Directory(exists=True, mandatory=True,
+                          desc="participant derivatives (masks, FA, transforms, site table)")
+    participants_tsv = File(exists=True, mandatory=True)
+    reference_site = traits.Str(desc="reference site (default: the largest)")
+    template_source = traits.Str("phantom", usedefault=True)
+    template_dir = Directory(exists=True, desc="template folder (enigma/folder sources)")
+
+
+class _RISHOutputSpec(TraitedSpec):
+    roi_table = File(exists=True, desc="ROI table of the RISH-harmonized maps (TBSS)")
+    maps_dir = Directory(exists=True, desc="harmonized maps, laid out like the derivatives")
+    model_file = File(exists=True, desc="RISH templates and scale maps (.npz)")
+    traveling_file = File(desc="traveling subjects' FA agreement before/after (TSV)")
+    sites_file = File(exists=True, desc="white-matter FA per run before/after (TSV)")
+    notes_file = File(exists=True)
+
+
+class RISHStudy(SimpleInterface):
+    """RISH harmonization of every run of the study (:func:`dmriharmony.group.rish.rish_study`)
+    and the ROI table of its harmonized maps."""
+
+    input_spec = _RISHInputSpec
+    output_spec = _RISHOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from dmriharmony.group.harmonize import write_tsv
+        from dmriharmony.group.rish import rish_study
+        from dmriharmony.tbss.roi import build_roi_table, write_table
+
+        cwd = Path(runtime.cwd)
+        deriv = Path(self.inputs.deriv_dir)
+        maps_dir = cwd / "maps"
+
+        def write(path: Path, img) -> None:
+            dst = maps_dir / Path(path).relative_to(deriv)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(img, str(dst))
+
+        res = rish_study(self.inputs.bids_dir, deriv,
+                         reference_site=_opt(self.inputs.reference_site) or None,
+                         template_source=_opt(self.inputs.template_source, "phantom"),
+                         template_dir=_opt(self.inputs.template_dir), write=write,
+                         roi_dir=cwd / "tbss", progress=False)
+        table = build_roi_table(res["roi_files"], self.inputs.participants_tsv,
+                                deriv / "site_table.tsv")
+        self._results["roi_table"] = str(write_table(table, cwd / "roi_table_desc-rish.tsv"))
+        self._results["maps_dir"] = str(maps_dir)
+        self._results["model_file"] = str(res["model"].save(cwd / "rish_model.npz"))
+        self._results["sites_file"] = str(write_tsv(res["runs"], cwd / "rish_runs.tsv"))
+        if len(res["traveling"]):
+            self._results["traveling_file"] = str(write_tsv(
+                res["traveling"], cwd / "evaluation_desc-rish.tsv"))
+        notes = cwd / "rish_notes.json"
+        notes.write_text(json.dumps(sorted(set(res["notes"])), indent=1) + "\n")
+        self._results["notes_file"] = str(notes)
         return runtime

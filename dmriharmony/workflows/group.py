@@ -69,7 +69,9 @@ def init_group_wf(
     ----------------------
     roi_files : per-run ROI TSVs; participants_tsv, site_table : optional; deriv_dir : the
     derivatives root (per-run QC for the report, optional); apply_models_dir : apply saved
-    models instead of fitting (optional).
+    models instead of fitting (optional); bids_dir, template_source, template_dir : the raw
+    DWI and the participant level's template, for ``rish`` (RISH re-synthesises the DWI:
+    node ``rish``, :class:`~dmriharmony.interfaces.group.RISHStudy`).
 
     Outputs (``outputnode``)
     ------------------------
@@ -82,7 +84,8 @@ def init_group_wf(
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["roi_files", "participants_tsv", "site_table", "deriv_dir",
-                "apply_models_dir"]), name="inputnode")
+                "apply_models_dir", "bids_dir", "template_source", "template_dir"]),
+        name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=GROUP_OUTPUTS), name="outputnode")
 
     table = pe.Node(GroupROITable(), name="roi_table")
@@ -100,6 +103,19 @@ def init_group_wf(
         (harm, outputnode, [("out_dir", "group_dir"), ("evaluation_file", "evaluation_file"),
                             ("summary_file", "summary_file"), ("notes_file", "notes_file")]),
     ])
+    if "rish" in names:
+        from dmriharmony.interfaces.group import RISHStudy
+
+        rish = pe.Node(RISHStudy(), name="rish")
+        if ref_site is not None:
+            rish.inputs.reference_site = str(ref_site)
+        wf.connect([
+            (inputnode, rish, [("bids_dir", "bids_dir"), ("deriv_dir", "deriv_dir"),
+                               ("participants_tsv", "participants_tsv"),
+                               ("template_source", "template_source"),
+                               ("template_dir", "template_dir")]),
+            (rish, harm, [("roi_table", "rish_table")]),
+        ])
     if report:
         rep = pe.Node(GroupReport(harmonizers=names, effect=effect), name="report")
         if options:
