@@ -21,7 +21,7 @@ from pathlib import Path
 
 LOGGER = logging.getLogger("dmriharmony")
 
-DEFAULT_HARMONIZERS = "combat,covbat,gam,meta,mixed"
+DEFAULT_HARMONIZERS = "combat,covbat,gam,meta,mixed"  # rish on request: it re-processes DWI
 
 
 class GroupUsageError(Exception):
@@ -36,8 +36,9 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     """The group-level options."""
     g = p.add_argument_group("group level (harmonization side by side, evaluation, report)")
     g.add_argument("--harmonizers", default=DEFAULT_HARMONIZERS,
-                   help="comma-separated methods: combat, covbat, gam (data harmonizers) and "
-                        f"meta, mixed (effect estimators); default {DEFAULT_HARMONIZERS}")
+                   help="comma-separated methods: combat, covbat, gam (data harmonizers), "
+                        "meta, mixed (effect estimators) and rish (re-synthesises every run's "
+                        f"DWI; needs the raw data); default {DEFAULT_HARMONIZERS}")
     g.add_argument("--covariates", default="age,sex",
                    help="comma-separated participants.tsv columns protected by the "
                         "harmonizers (default age,sex; '' for none)")
