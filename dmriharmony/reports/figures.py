@@ -56,7 +56,7 @@ def site_distributions_png(tables: Mapping[str, pd.DataFrame], feature: str, sit
         ax.set_title(name, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel(title or feature)
-    fig.suptitle(title or feature, fontsize=10)
+    fig.suptitle(title or feature, fontsize=10, y=1.03)
     return to_png(fig)
 
 

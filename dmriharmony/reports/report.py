@@ -154,7 +154,12 @@ def render_report(
     parts.append(_table(qc, scroll=True) if qc is not None else
                  "<p class='note'>no participant QC files found</p>")
 
-    metrics = sorted({m for t in harmonized.values() for m in t["metric"].unique()})
+    # the maps the group level harmonized (the raw table also has the maps it left alone)
+    metrics = sorted({m for n, t in harmonized.items() if n != "none"
+                      for m in t["metric"].unique()} | {m for e in effects.values()
+                                                         for m in e["metric"].unique()})
+    if not metrics:
+        metrics = sorted({m for t in harmonized.values() for m in t["metric"].unique()})
     distribution_features = _shown_features(distribution_features, harmonized, effects)
     forest_features = _shown_features(forest_features, harmonized, effects)
     parts.append("<h2>ROI values per site, before and after each harmonizer</h2>")
@@ -164,8 +169,10 @@ def render_report(
                     if feat in t.columns}
             if not tabs:
                 continue
+            label = f"{metric.upper()}, whole-skeleton mean" if feat == "AverageFA" else \
+                f"{metric.upper()} {feat}"
             parts.append(_img(figures.site_distributions_png(
-                tabs, feat, title=f"{metric.upper()} {feat}"),
+                tabs, feat, title=label),
                 f"{metric} {feat} per site"))
 
     parts.append(f"<h2>Effect of {html.escape(effect)} per ROI, by method</h2>")
