@@ -31,7 +31,8 @@ def test_demo_without_examples(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_on_bundled_examples(tmp_path, capsys):
-    """``make demo``: every run of bids_examples fitted; the derivatives pass the validator."""
+    """``make demo``: every run of bids_examples fitted, the group level run with its report;
+    the derivatives pass the validator."""
     try:
         bids_dir = demo.find_example_dataset()
     except FileNotFoundError:
@@ -47,6 +48,10 @@ def test_demo_on_bundled_examples(tmp_path, capsys):
     assert len(skeletons) == n_runs
     text = capsys.readouterr().out
     assert "derivatives in" in text and "ENIGMA-style ROI table" in text
+    # the group level ran and the report's path was printed
+    report = out / "dmriharmony" / "group" / "report.html"
+    assert f"report: {report}" in text and report.is_file()
+    assert (out / "dmriharmony" / "group" / "roi_table_desc-combat.tsv").is_file()
     import pandas as pd
 
     table = pd.read_csv(out / "dmriharmony" / "group" / "roi_table.tsv", sep="\t")
