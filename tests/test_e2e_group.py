@@ -19,7 +19,7 @@ import pytest
 from dmriharmony.cli.run import main
 
 pytestmark = pytest.mark.slow
-ALL = "combat,covbat,gam,meta,mixed,rish"
+ALL = "combat,covbat,gam,meta,mixed,rish,vae"
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,19 @@ def test_group_outputs_for_every_method(e2e):
     g = e2e["group"]
     table = pd.read_csv(g / "roi_table.tsv", sep="\t")
     assert len(table[table["metric"] == "FA"]) == 21  # 18 single-site runs + 3 traveling
-    for h in ("combat", "covbat", "gam"):
+    for h in ("combat", "covbat", "gam", "rish", "vae"):
         assert (g / f"roi_table_desc-{h}.tsv").is_file()
-    for m in ("none", "combat", "covbat", "gam", "meta", "mixed"):
+    for m in ("none", "combat", "covbat", "gam", "meta", "mixed", "rish", "vae"):
         assert (g / f"effects_desc-{m}.tsv").is_file(), m
+    # signal-level harmonizers: per-run refitted maps, models, traveling-subject scores
+    for h in ("rish", "vae"):
+        assert len(list(e2e["out"].glob(f"dmriharmony/sub-*/**/*_param-fa_desc-{h}_"
+                                         "dwimap.nii.gz"))) == 2 * 21  # native + template
+        ev = pd.read_csv(g / f"evaluation_desc-{h}.tsv", sep="\t")
+        assert ev["subject"].tolist() == ["trav01"]
+    assert (g / "models" / "vae" / "vae_model" / "vae_weights.pt").is_file()
+    latent = __import__("json").loads((g / "vae_latent_site_accuracy.json").read_text())
+    assert 0 <= latent["balanced_accuracy"] <= 1 and latent["chance"] == pytest.approx(1 / 3)
     text = (g / "report.html").read_text()
     assert "Traveling subjects" in text and "forest" in text
 

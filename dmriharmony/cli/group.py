@@ -21,7 +21,7 @@ from pathlib import Path
 
 LOGGER = logging.getLogger("dmriharmony")
 
-DEFAULT_HARMONIZERS = "combat,covbat,gam,meta,mixed"  # rish on request: it re-processes DWI
+DEFAULT_HARMONIZERS = "combat,covbat,gam,meta,mixed"  # rish, vae on request: they redo the DWI
 
 
 class GroupUsageError(Exception):
@@ -37,8 +37,8 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("group level (harmonization side by side, evaluation, report)")
     g.add_argument("--harmonizers", default=DEFAULT_HARMONIZERS,
                    help="comma-separated methods: combat, covbat, gam (data harmonizers), "
-                        "meta, mixed (effect estimators) and rish (re-synthesises every run's "
-                        f"DWI; needs the raw data); default {DEFAULT_HARMONIZERS}")
+                        "meta, mixed (effect estimators), rish and vae (re-synthesise every "
+                        f"run's DWI; need the raw data); default {DEFAULT_HARMONIZERS}")
     g.add_argument("--covariates", default="age,sex",
                    help="comma-separated participants.tsv columns protected by the "
                         "harmonizers (default age,sex; '' for none)")
@@ -63,6 +63,18 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the evaluation's cross-validation folds (default 0)")
     g.add_argument("--no-report", action="store_true", help="do not write report.html")
+    v = p.add_argument_group("VAE (--harmonizers vae; Moyer et al. 2020)")
+    v.add_argument("--vae-target-site", default=None,
+                   help="decode every run with this site's code (default: the site-average "
+                        "code)")
+    v.add_argument("--vae-mode", choices=["site_adversary", "moyer"], default="site_adversary",
+                   help="moyer: mutual-information bound and decoder adversary as published; "
+                        "site_adversary (default): plus a latent site classifier the encoder "
+                        "is trained to defeat")
+    v.add_argument("--vae-voxels-per-run", type=int, default=4000,
+                   help="training voxels sampled per run (default 4000)")
+    v.add_argument("--device", default="cpu",
+                   help="torch device of the VAE: cpu (default), cuda, cuda:N or auto")
 
 
 def _split(text: str | None) -> list[str]:
@@ -85,7 +97,11 @@ def group_options(args: argparse.Namespace) -> dict:
             "Effect": args.effect, "ReferenceSite": args.reference_site,
             "Features": _split(args.features), "ROIs": _split(args.rois) or "all",
             "Level": args.level, "Seed": args.seed,
-            "ApplyModel": str(args.apply_model) if args.apply_model else None}
+            "ApplyModel": str(args.apply_model) if args.apply_model else None,
+            **({"VAE": {"Mode": args.vae_mode, "TargetSite": args.vae_target_site or
+                        "site average", "VoxelsPerRun": args.vae_voxels_per_run,
+                        "Device": args.device}}
+               if "vae" in _split(args.harmonizers) else {})}
 
 
 def _install(staging: Path, group_dir: Path) -> list[Path]:
@@ -103,20 +119,21 @@ def _install(staging: Path, group_dir: Path) -> list[Path]:
 #: stay): a method run before but not now must not look current.
 _ROI_LEVEL_OUTPUTS = ("roi_table_desc-*", "effects_desc-*", "site_effects_desc-*",
                       "evaluation.*", "evaluation_summary.*", "evaluation_desc-rish.*",
-                      "rish_runs.*", "report.*")
+                      "evaluation_desc-vae.*", "rish_runs.*", "vae_runs.*",
+                      "vae_latent_site_accuracy.*", "report.*")
 
 
 def _remove_stale(group_dir: Path, staging: Path) -> None:
-    """Delete ROI-level outputs (and models) of earlier runs that this run does not write."""
+    """Delete ROI-level outputs of earlier runs that this run does not write, and the ROI-level
+    model folders (this run's are installed next)."""
     for pattern in _ROI_LEVEL_OUTPUTS:
         for f in group_dir.glob(pattern):
             if f.is_file() and not (staging / f.name).exists():
                 f.unlink()
     models = group_dir / "models"
     if models.is_dir():
-        for sub in models.iterdir():  # the voxel/skeleton levels' models stay
-            if sub.is_dir() and sub.name in ("combat", "covbat", "gam", "rish") and \
-                    not (staging / "models" / sub.name).exists():
+        for sub in models.iterdir():  # replaced or dropped; the voxel/skeleton levels' stay
+            if sub.is_dir() and sub.name in ("combat", "covbat", "gam", "rish", "vae"):
                 shutil.rmtree(sub)
 
 
@@ -158,7 +175,12 @@ def _sidecars(staging: Path, options: dict, sources: list[str]) -> None:
         side.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
 
 
-def _stage_map(src: Path, final: Path, staging_root: Path, options: dict) -> None:
+_SIGNAL_HARMONIZERS = {"rish": "RISH (Mirzaalian et al. 2016)",
+                       "vae": "site-adversarial conditional VAE (Moyer et al. 2020)"}
+
+
+def _stage_map(src: Path, final: Path, staging_root: Path, options: dict,
+               method: str) -> None:
     """Copy a harmonized per-run map into the staging tree (same place as ``final`` under the
     derivatives root) with its provenance sidecar."""
     from dmriharmony.bids.derivatives import provenance
@@ -167,9 +189,9 @@ def _stage_map(src: Path, final: Path, staging_root: Path, options: dict) -> Non
     dst = staging_root / rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
-    meta = provenance(sources=[str(final).replace("_desc-rish", "")],
-                      description="map refitted after RISH harmonization of the DWI",
-                      extra={"Options": options, "Harmonizer": "RISH (Mirzaalian et al. 2016)"})
+    meta = provenance(sources=[str(final).replace(f"_desc-{method}", "")],
+                      description=f"map refitted after {method.upper()} harmonization of the DWI",
+                      extra={"Options": options, "Harmonizer": _SIGNAL_HARMONIZERS[method]})
     dst.with_name(dst.name.replace(".nii.gz", ".json")).write_text(
         json.dumps(meta, indent=2) + "\n")
 
@@ -239,10 +261,15 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     options = group_options(args)
     LOGGER.info("group level: %d ROI row(s) in space %s; methods %s", len(rows), spaces[0],
                 ", ".join(names))
+    vae_options = {"mode": args.vae_mode, "device": args.device,
+                   "voxels_per_run": args.vae_voxels_per_run}
+    if args.vae_target_site:
+        vae_options["target_site"] = args.vae_target_site
     wf = init_group_wf(harmonizers=names, covariates=covariates, effect=args.effect,
                        metrics=features, ref_site=args.reference_site, seed=args.seed,
                        evaluate=models is None, report=not args.no_report,
-                       options=options, name="dmriharmony_group_wf")
+                       options=options, vae_options=vae_options,
+                       name="dmriharmony_group_wf")
     wf.base_dir = str(work_dir)
     wf.inputs.inputnode.roi_files = [str(p) for p in rows]
     wf.inputs.inputnode.participants_tsv = str(participants)
@@ -250,10 +277,10 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     wf.inputs.inputnode.deriv_dir = str(deriv)
     if models is not None:
         wf.inputs.inputnode.apply_models_dir = str(models)
-    if "rish" in names:
+    if "rish" in names or "vae" in names:
         if models is not None:
-            raise GroupUsageError("--apply-model: a RISH model is applied to new DWI runs by "
-                                  "re-running the group level with them; drop rish")
+            raise GroupUsageError("--apply-model: RISH and VAE models are applied to new DWI "
+                                  "runs by re-running the group level with them; drop rish/vae")
         side = rows[0].with_name(rows[0].name.replace(".tsv", ".json"))
         tpl = json.loads(side.read_text()).get("Template", {}) if side.is_file() else {}
         wf.inputs.inputnode.bids_dir = str(bids_dir)
@@ -283,17 +310,20 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
         if "report" in results:
             shutil.copy2(results["report"].out_report, staging / "report.html")
         notes = json.loads(Path(results["harmonize"].notes_file).read_text())
-        if "rish" in results:
-            r = results["rish"]
+        for m in ("rish", "vae"):  # signal-level harmonizers: per-run maps, model, scores
+            if m not in results:
+                continue
+            r = results[m]
             maps = Path(r.maps_dir)
             for f in sorted(p for p in maps.rglob("*.nii.gz")):
-                _stage_map(f, deriv / f.relative_to(maps), staging_root, options)
-            mdir = staging / "models" / "rish"
+                _stage_map(f, deriv / f.relative_to(maps), staging_root, options, m)
+            mdir = staging / "models" / m
             mdir.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(r.model_file, mdir / "rish_model.npz")
-            shutil.copy2(r.sites_file, staging / "rish_runs.tsv")
-            if r.traveling_file:
-                shutil.copy2(r.traveling_file, staging / "evaluation_desc-rish.tsv")
+            model = Path(r.model_file)
+            if model.is_dir():
+                shutil.copytree(model, mdir / model.name)
+            else:
+                shutil.copy2(model, mdir / model.name)
             notes = [*notes, *json.loads(Path(r.notes_file).read_text())]
         _sidecars(staging, options, [str(participants), str(site_table),
                                      f"{len(rows)} ROI rows under {deriv}"])

@@ -72,12 +72,11 @@ DATA_HARMONIZERS: dict[str, Callable[[str | None], Any]] = {
 #: effect estimators (no harmonized data).
 ESTIMATORS = ("meta", "mixed")
 #: signal-level harmonizers whose ROI table is made upstream from the DWI (given to
-#: :func:`run_methods` as ``precomputed``): RISH (:mod:`dmriharmony.group.rish`).
-PRECOMPUTED = ("rish",)
-#: methods not available at the group level yet.
-DWI_LEVEL = {"vae": "the site-adversarial VAE harmonizes the DWI signal; its conversion of "
-                    "whole subjects (encode, decode with a target site, refit DTI) is not wired "
-                    "into the group level yet (issue 6)"}
+#: :func:`run_methods` as ``precomputed``): RISH (:mod:`dmriharmony.group.rish`) and the
+#: site-adversarial VAE (:mod:`dmriharmony.group.vae`).
+PRECOMPUTED = ("rish", "vae")
+#: methods not available at the group level (none at present).
+DWI_LEVEL: dict[str, str] = {}
 KNOWN_HARMONIZERS = (*DATA_HARMONIZERS, *ESTIMATORS, *PRECOMPUTED, *DWI_LEVEL)
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 
 from dmriharmony.errors import HarmonizationError
 
-__all__ = ["RISHRun", "collect_rish_runs", "rish_study"]
+__all__ = ["HarmonizedOutputs", "RISHRun", "collect_rish_runs", "rish_study"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -139,6 +139,72 @@ def _roi_agreement(before: dict, after: dict, labels: np.ndarray, wm: np.ndarray
             "roi_reduction": float(1 - a / b) if b > 0 else float("nan")}
 
 
+class HarmonizedOutputs:
+    """What every signal-level harmonizer (RISH, the VAE) leaves per run after its DTI refit:
+    native and template-space FA/MD (``desc-<name>``), the TBSS ROI row of the harmonized maps
+    (with the run's own transforms), white-matter FA before/after, and the traveling subjects'
+    between-site agreement."""
+
+    def __init__(self, name: str, template, write, roi_dir: str | Path | None) -> None:
+        self.name, self.template, self.write, self.roi_dir = name, template, write, roi_dir
+        self.wm = template.mask & (template.fa >= 0.2)
+        self.rows: list[dict] = []
+        self.roi_files: list[str] = []
+        self.before: dict[str, dict[str, np.ndarray]] = {}
+        self.after: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(self, run: RISHRun, tm, affine: np.ndarray, reg) -> None:
+        tpl = self.template
+        if self.roi_dir is not None:  # TBSS projection of the harmonized maps: the ROI row
+            from dmriharmony.tbss.pipeline import run_tbss
+
+            res = run_tbss(nib.Nifti1Image(tm.fa.astype(np.float32), affine), tpl,
+                           Path(self.roi_dir) / run.prefix,
+                           others={p.upper(): nib.Nifti1Image(
+                               getattr(tm, p).astype(np.float32), affine)
+                               for p in ("md", "ad", "rd")},
+                           subject=run.subject, session=run.session,
+                           transforms=(str(run.affine), str(run.warp) if run.warp else None))
+            self.roi_files.append(res["roi_tsv"])
+        before_fa = np.asarray(nib.load(str(
+            run.folder / f"{run.prefix}_space-{run.space}_model-tensor_param-fa_dwimap.nii.gz"
+        )).dataobj, float)
+        for param in ("fa", "md"):
+            native = getattr(tm, param).astype(np.float32)
+            self.write(run.folder / f"{run.prefix}_model-tensor_param-{param}_desc-"
+                       f"{self.name}_dwimap.nii.gz", nib.Nifti1Image(native, affine))
+            warped = reg.transform(native).astype(np.float32)
+            self.write(run.folder / f"{run.prefix}_space-{run.space}_model-tensor_param-"
+                       f"{param}_desc-{self.name}_dwimap.nii.gz",
+                       nib.Nifti1Image(warped, tpl.affine))
+            if param == "fa":
+                if run.traveling:
+                    self.before.setdefault(run.subject, {})[run.site] = before_fa
+                    self.after.setdefault(run.subject, {})[run.site] = warped
+                self.rows.append({"prefix": run.prefix, "site": run.site,
+                                  "traveling": run.traveling,
+                                  "wm_fa_before": float(before_fa[self.wm].mean()),
+                                  "wm_fa_after": float(warped[self.wm].mean())})
+
+    def runs(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+    def traveling(self) -> pd.DataFrame:
+        from dmriharmony.evaluation.traveling_maps import rmse_reduction
+
+        rows = []
+        for sub in sorted(self.before):
+            if len(self.before[sub]) < 2:
+                continue
+            row = {"subject": sub, "metric": "fa", "n_sites": len(self.before[sub]),
+                   **rmse_reduction(self.before[sub], self.after[sub], self.wm)}
+            if self.template.labels is not None:
+                row.update(_roi_agreement(self.before[sub], self.after[sub],
+                                          self.template.labels, self.wm))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
 def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: str | None = None,
                template_source: str = "phantom", template_dir: str | None = None,
                bmax: float = 1500.0, b_round: float = 50.0, fit_method: str = "wls",
@@ -167,7 +233,6 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     write = write or _save
     runs = collect_rish_runs(bids_dir, deriv_dir)
     template = load_template(template_source, template_dir)
-    wm = template.mask & (template.fa >= 0.2)
     regs = {}
     feats, sites = [], []
     notes: list[str] = []
@@ -188,10 +253,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
         notes.append(f"rish: site {site} shell(s) b={', '.join(f'{b:g}' for b in bs)} have no "
                      f"reference shell ({model.reference_site_}: "
                      f"{', '.join(f'{b:g}' for b in model.reference_bvalues_)}); left as is")
-    out_rows = []
-    roi_files: list[str] = []
-    warped_before: dict[str, dict[str, np.ndarray]] = {}
-    warped_after: dict[str, dict[str, np.ndarray]] = {}
+    acc = HarmonizedOutputs("rish", template, write, roi_dir)
     for run in tqdm(runs, desc="RISH harmonize", disable=not progress):
         dwi, mask = _load(run)
         reg = regs[run.prefix]
@@ -202,47 +264,6 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
                                                model.match_bvalue, smooth=sh_smooth)
         notes.extend(f"rish: {run.prefix}: {n}" for n in run_notes)
         tm = _refit(data, bvals, dwi.bvecs, mask, bmax, b_round, fit_method)
-        if roi_dir is not None:  # TBSS projection of the harmonized maps: the ROI row
-            from dmriharmony.tbss.pipeline import run_tbss
-
-            prefix = Path(roi_dir) / run.prefix
-            res = run_tbss(nib.Nifti1Image(tm.fa.astype(np.float32), dwi.affine), template,
-                           prefix, others={p.upper(): nib.Nifti1Image(
-                               getattr(tm, p).astype(np.float32), dwi.affine)
-                               for p in ("md", "ad", "rd")},
-                           subject=run.subject, session=run.session,
-                           transforms=(str(run.affine), str(run.warp) if run.warp else None))
-            roi_files.append(res["roi_tsv"])
-        for param in ("fa", "md"):
-            native = getattr(tm, param).astype(np.float32)
-            name = f"{run.prefix}_model-tensor_param-{param}_desc-rish_dwimap.nii.gz"
-            write(run.folder / name, nib.Nifti1Image(native, dwi.affine))
-            warped = reg.transform(native).astype(np.float32)
-            tname = (f"{run.prefix}_space-{run.space}_model-tensor_param-{param}_desc-rish_"
-                     "dwimap.nii.gz")
-            write(run.folder / tname, nib.Nifti1Image(warped, template.affine))
-            if run.traveling and param == "fa":
-                before = run.folder / f"{run.prefix}_space-{run.space}_model-tensor_param-fa_" \
-                    "dwimap.nii.gz"
-                warped_before.setdefault(run.subject, {})[run.site] = \
-                    np.asarray(nib.load(str(before)).dataobj, float)
-                warped_after.setdefault(run.subject, {})[run.site] = warped
-        out_rows.append({"prefix": run.prefix, "site": run.site, "traveling": run.traveling,
-                         "wm_fa_before": float(np.mean(np.asarray(nib.load(
-                             str(run.folder / f"{run.prefix}_space-{run.space}_model-tensor_"
-                                 "param-fa_dwimap.nii.gz")).dataobj)[wm])),
-                         "wm_fa_after": float(np.mean(reg.transform(tm.fa)[wm]))})
-    trav_rows = []
-    from dmriharmony.evaluation.traveling_maps import rmse_reduction
-
-    for sub in sorted(warped_before):
-        if len(warped_before[sub]) < 2:
-            continue
-        row = {"subject": sub, "metric": "fa", "n_sites": len(warped_before[sub]),
-               **rmse_reduction(warped_before[sub], warped_after[sub], wm)}
-        if template.labels is not None:
-            row.update(_roi_agreement(warped_before[sub], warped_after[sub], template.labels,
-                                      wm))
-        trav_rows.append(row)
-    return {"model": model, "runs": pd.DataFrame(out_rows),
-            "traveling": pd.DataFrame(trav_rows), "roi_files": roi_files, "notes": notes}
+        acc.add(run, tm, dwi.affine, reg)
+    return {"model": model, "runs": acc.runs(), "traveling": acc.traveling(),
+            "roi_files": acc.roi_files, "notes": notes}

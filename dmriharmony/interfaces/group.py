@@ -30,7 +30,7 @@ from nipype.interfaces.base import (  # noqa: E402
 )
 
 __all__ = ["GroupHarmonize", "GroupROITable", "GroupReport", "RISHStudy",
-           "TravelingMapsEvaluation"]
+           "TravelingMapsEvaluation", "VAEStudy"]
 
 
 def _opt(value, default=None):
@@ -85,6 +85,9 @@ class _HarmonizeInputSpec(BaseInterfaceInputSpec):
     apply_models_dir = Directory(exists=True,
                                  desc="apply the models saved here instead of fitting")
     rish_table = File(exists=True, desc="ROI table of the RISH-harmonized maps (RISHStudy)")
+    vae_table = File(exists=True, desc="ROI table of the VAE-harmonized maps (VAEStudy)")
+    publish_dirs = InputMultiObject(Directory(exists=True),
+                                    desc="tables of the signal-level harmonizers to add")
 
 
 class _HarmonizeOutputSpec(TraitedSpec):
@@ -112,8 +115,15 @@ class GroupHarmonize(SimpleInterface):
                               ref_site=_opt(self.inputs.ref_site) or None, seed=self.inputs.seed,
                               evaluate=self.inputs.evaluate,
                               apply_models_from=_opt(self.inputs.apply_models_dir),
-                              precomputed={"rish": self.inputs.rish_table}
-                              if isdefined(self.inputs.rish_table) else None)
+                              precomputed={k: getattr(self.inputs, f"{k}_table")
+                                           for k in ("rish", "vae")
+                                           if isdefined(getattr(self.inputs, f"{k}_table"))}
+                              or None)
+        import shutil
+
+        for folder in (self.inputs.publish_dirs if isdefined(self.inputs.publish_dirs) else []):
+            for f in sorted(Path(folder).iterdir()):
+                shutil.copy2(f, out_dir / f.name)
         notes = out_dir / "notes.json"
         notes.write_text(json.dumps(written["notes"], indent=1) + "\n")
         self._results["out_dir"] = str(out_dir)
@@ -220,9 +230,10 @@ class _RISHInputSpec(BaseInterfaceInputSpec):
 class _RISHOutputSpec(TraitedSpec):
     roi_table = File(exists=True, desc="ROI table of the RISH-harmonized maps (TBSS)")
     maps_dir = Directory(exists=True, desc="harmonized maps, laid out like the derivatives")
-    model_file = File(exists=True, desc="RISH templates and scale maps (.npz)")
+    model_file = traits.Str(desc="RISH templates and scale maps (.npz) / VAE model folder")
     traveling_file = File(desc="traveling subjects' FA agreement before/after (TSV)")
     sites_file = File(exists=True, desc="white-matter FA per run before/after (TSV)")
+    publish_dir = Directory(exists=True, desc="this method's group-level tables")
     notes_file = File(exists=True)
 
 
@@ -232,12 +243,21 @@ class RISHStudy(SimpleInterface):
 
     input_spec = _RISHInputSpec
     output_spec = _RISHOutputSpec
+    method = "rish"
+
+    def _study(self, deriv, write, roi_dir):
+        from dmriharmony.group.rish import rish_study
+
+        return rish_study(self.inputs.bids_dir, deriv,
+                          reference_site=_opt(self.inputs.reference_site) or None,
+                          template_source=_opt(self.inputs.template_source, "phantom"),
+                          template_dir=_opt(self.inputs.template_dir), write=write,
+                          roi_dir=roi_dir, progress=False)
 
     def _run_interface(self, runtime):
         import nibabel as nib
 
         from dmriharmony.group.harmonize import write_tsv
-        from dmriharmony.group.rish import rish_study
         from dmriharmony.tbss.roi import build_roi_table, write_table
 
         cwd = Path(runtime.cwd)
@@ -249,21 +269,55 @@ class RISHStudy(SimpleInterface):
             dst.parent.mkdir(parents=True, exist_ok=True)
             nib.save(img, str(dst))
 
-        res = rish_study(self.inputs.bids_dir, deriv,
-                         reference_site=_opt(self.inputs.reference_site) or None,
-                         template_source=_opt(self.inputs.template_source, "phantom"),
-                         template_dir=_opt(self.inputs.template_dir), write=write,
-                         roi_dir=cwd / "tbss", progress=False)
+        m = self.method
+        res = self._study(deriv, write, cwd / "tbss")
         table = build_roi_table(res["roi_files"], self.inputs.participants_tsv,
                                 deriv / "site_table.tsv")
-        self._results["roi_table"] = str(write_table(table, cwd / "roi_table_desc-rish.tsv"))
+        self._results["roi_table"] = str(write_table(table, cwd / f"roi_table_desc-{m}.tsv"))
         self._results["maps_dir"] = str(maps_dir)
-        self._results["model_file"] = str(res["model"].save(cwd / "rish_model.npz"))
-        self._results["sites_file"] = str(write_tsv(res["runs"], cwd / "rish_runs.tsv"))
+        model_name = "rish_model.npz" if m == "rish" else "vae_model"  # VAE: a folder
+        self._results["model_file"] = str(res["model"].save(cwd / model_name))
+        publish = cwd / "publish"  # the group outputs of this method (GroupHarmonize adds them)
+        publish.mkdir(exist_ok=True)
+        self._results["publish_dir"] = str(publish)
+        self._results["sites_file"] = str(write_tsv(res["runs"], publish / f"{m}_runs.tsv"))
         if len(res["traveling"]):
             self._results["traveling_file"] = str(write_tsv(
-                res["traveling"], cwd / "evaluation_desc-rish.tsv"))
-        notes = cwd / "rish_notes.json"
+                res["traveling"], publish / f"evaluation_desc-{m}.tsv"))
+        if res.get("latent"):
+            latent = publish / "vae_latent_site_accuracy.json"
+            latent.write_text(json.dumps(res["latent"], indent=1) + "\n")
+        notes = cwd / f"{m}_notes.json"
         notes.write_text(json.dumps(sorted(set(res["notes"])), indent=1) + "\n")
         self._results["notes_file"] = str(notes)
         return runtime
+
+
+class _VAEInputSpec(_RISHInputSpec):
+    target_site = traits.Str(desc="decode with this site's code (default: site average)")
+    seed = traits.Int(0, usedefault=True)
+    voxels_per_run = traits.Int(4000, usedefault=True, desc="training voxels per run")
+    device = traits.Str("cpu", usedefault=True, desc="cpu, cuda, auto")
+    mode = traits.Enum("site_adversary", "moyer", usedefault=True,
+                       desc="moyer: MI bound + decoder adversary (Moyer et al. 2020); "
+                            "site_adversary: plus a latent site classifier the encoder defeats")
+
+
+class VAEStudy(RISHStudy):
+    """Site-adversarial VAE harmonization of every run (:func:`dmriharmony.group.vae.vae_study`)
+    and the ROI table of its harmonized maps."""
+
+    input_spec = _VAEInputSpec
+    method = "vae"
+
+    def _study(self, deriv, write, roi_dir):
+        from dmriharmony.group.vae import vae_study
+        from dmriharmony.harmonizers._vae_config import small_config
+
+        return vae_study(self.inputs.bids_dir, deriv,
+                         target_site=_opt(self.inputs.target_site) or None,
+                         template_source=_opt(self.inputs.template_source, "phantom"),
+                         template_dir=_opt(self.inputs.template_dir), seed=self.inputs.seed,
+                         voxels_per_run=self.inputs.voxels_per_run, device=self.inputs.device,
+                         config=small_config(seed=self.inputs.seed, mode=self.inputs.mode),
+                         write=write, roi_dir=roi_dir, progress=False)

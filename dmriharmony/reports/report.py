@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,6 +134,8 @@ def render_report(
     effect: str = "dx",
     distribution_features: Sequence[str] = ("AverageFA",),
     forest_features: Sequence[str] = ("AverageFA",),
+    signal_level: pd.DataFrame | None = None,
+    latent: dict | None = None,
 ) -> str:
     """The report's HTML text from the group-level tables (see :func:`build_report`).
 
@@ -230,6 +233,17 @@ def render_report(
                 if s["traveling_cv_after"].notna().any():
                     parts.append(f"<h3>{param.upper()}</h3>")
                     parts.append(_img(figures.traveling_png(s), f"traveling {param}"))
+    if signal_level is not None and len(signal_level):
+        parts.append("<h2>Signal-level harmonizers (RISH, VAE): traveling subjects' maps</h2>")
+        parts.append("<p>Between-site error of each traveling subject's FA in template white "
+                     "matter before and after re-synthesising the DWI and refitting the tensor: "
+                     "voxelwise pairwise RMSE, and the RMSE of its ROI means about its "
+                     "across-site mean.</p>")
+        parts.append(_table(signal_level, "{:.4g}"))
+    if latent:
+        parts.append("<p>VAE latent code: cross-validated z &rarr; site balanced accuracy "
+                     f"{latent.get('balanced_accuracy', float('nan')):.3f} (chance "
+                     f"{latent.get('chance', float('nan')):.3f}) on held-out voxels.</p>")
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(
             f"<li class='note'>{html.escape(n)}</li>" for n in notes) + "</ul>")
@@ -273,12 +287,23 @@ def build_report(group_dir: str | Path, deriv_dir: str | Path, out_file: str | P
         if e is not None:
             effects[name] = e
     summary = _read(group_dir / "evaluation_summary.tsv")
+    signal = [t.assign(harmonizer=name) for name in ("rish", "vae") if name in harmonizers
+              and (t := _read(group_dir / f"evaluation_desc-{name}.tsv")) is not None]
+    signal_level = None
+    if signal:
+        cols = ["harmonizer", "subject", "n_sites", "pairwise_rmse_before", "pairwise_rmse_after",
+                "reduction", "roi_rmse_before", "roi_rmse_after", "roi_reduction"]
+        both = pd.concat(signal, ignore_index=True)
+        signal_level = both[[c for c in cols if c in both.columns]]
+    latent_file = group_dir / "vae_latent_site_accuracy.json"
+    latent = json.loads(latent_file.read_text()) if "vae" in harmonizers and \
+        latent_file.is_file() else None
     text = render_report(
         title=title,
         site_summary=_site_summary(site_table) if site_table is not None else None,
         qc=_qc_table(deriv_dir), harmonized=harmonized, effects=effects,
         site_effects=_read(group_dir / "site_effects_desc-meta.tsv"), summary=summary,
-        notes=notes, options=options, effect=effect)
+        notes=notes, options=options, effect=effect, signal_level=signal_level, latent=latent)
     out_file = Path(out_file)
     atomic_write_bytes(text.encode(), out_file)
     LOGGER.info("report: %s", out_file)

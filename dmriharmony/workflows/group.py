@@ -48,6 +48,7 @@ def init_group_wf(
     evaluate: bool = True,
     report: bool = True,
     options: dict | None = None,
+    vae_options: dict | None = None,
     name: str = "group_wf",
 ) -> pe.Workflow:
     """ROI-table group level: join the runs, harmonize side by side, evaluate, report.
@@ -63,6 +64,8 @@ def init_group_wf(
     seed : seed of the evaluation's cross-validation folds.
     evaluate, report : write the evaluation table / report.html.
     options : shown in the report's options table.
+    vae_options : :class:`~dmriharmony.interfaces.group.VAEStudy` inputs (``target_site``,
+        ``mode``, ``device``, ``voxels_per_run``).
     name : workflow name.
 
     Inputs (``inputnode``)
@@ -70,8 +73,9 @@ def init_group_wf(
     roi_files : per-run ROI TSVs; participants_tsv, site_table : optional; deriv_dir : the
     derivatives root (per-run QC for the report, optional); apply_models_dir : apply saved
     models instead of fitting (optional); bids_dir, template_source, template_dir : the raw
-    DWI and the participant level's template, for ``rish`` (RISH re-synthesises the DWI:
-    node ``rish``, :class:`~dmriharmony.interfaces.group.RISHStudy`).
+    DWI and the participant level's template, for ``rish`` and ``vae`` (they re-synthesise the
+    DWI: nodes ``rish`` / ``vae``, :class:`~dmriharmony.interfaces.group.RISHStudy`,
+    :class:`~dmriharmony.interfaces.group.VAEStudy`).
 
     Outputs (``outputnode``)
     ------------------------
@@ -103,6 +107,10 @@ def init_group_wf(
         (harm, outputnode, [("out_dir", "group_dir"), ("evaluation_file", "evaluation_file"),
                             ("summary_file", "summary_file"), ("notes_file", "notes_file")]),
     ])
+    signal = [n for n in ("rish", "vae") if n in names]
+    if signal:
+        publish = pe.Node(niu.Merge(len(signal)), name="signal_tables")
+        wf.connect(publish, "out", harm, "publish_dirs")
     if "rish" in names:
         from dmriharmony.interfaces.group import RISHStudy
 
@@ -115,6 +123,19 @@ def init_group_wf(
                                ("template_source", "template_source"),
                                ("template_dir", "template_dir")]),
             (rish, harm, [("roi_table", "rish_table")]),
+            (rish, publish, [("publish_dir", f"in{signal.index('rish') + 1}")]),
+        ])
+    if "vae" in names:
+        from dmriharmony.interfaces.group import VAEStudy
+
+        vae = pe.Node(VAEStudy(seed=seed, **(vae_options or {})), name="vae")
+        wf.connect([
+            (inputnode, vae, [("bids_dir", "bids_dir"), ("deriv_dir", "deriv_dir"),
+                              ("participants_tsv", "participants_tsv"),
+                              ("template_source", "template_source"),
+                              ("template_dir", "template_dir")]),
+            (vae, harm, [("roi_table", "vae_table")]),
+            (vae, publish, [("publish_dir", f"in{signal.index('vae') + 1}")]),
         ])
     if report:
         rep = pe.Node(GroupReport(harmonizers=names, effect=effect), name="report")
