@@ -7,7 +7,7 @@ prints where the derivatives are, a per-run summary (site, vendor, SNR, median F
 mask, registration quality, whole-skeleton FA) and, when the dataset carries the simulator's
 native ground truth (``derivatives/groundtruth``), the FA error per site and vendor
 (:func:`dmriharmony.dti.accuracy.groundtruth_errors`). Then the group level (``dmriharmony ...
-group --harmonizers combat,covbat,gam,meta,mixed,rish``) harmonizes the ROI table, prints the
+group --harmonizers combat,covbat,gam,meta,mixed,rish,vae``) harmonizes the ROI table, prints the
 evaluation summary and the path of ``report.html``.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: the harmonizers the demo's group level runs side by side (all ROI-table methods).
-GROUP_HARMONIZERS = "combat,covbat,gam,meta,mixed,rish"
+GROUP_HARMONIZERS = "combat,covbat,gam,meta,mixed,rish,vae"
 EXAMPLES = REPO_ROOT / "bids_examples"
 
 
