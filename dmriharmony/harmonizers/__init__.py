@@ -7,8 +7,12 @@ stays cheap (torch is only imported when the VAE is used).
 - :mod:`~dmriharmony.harmonizers.mixed`: mixed-effects mega-analysis, site as a random effect.
 - :class:`ComBat` (:mod:`~dmriharmony.harmonizers.combat`) and its variants
   (:class:`CovBat`, :class:`ComBatGAM`).
-- :mod:`~dmriharmony.harmonizers.vae`: site-invariant conditional VAE (Moyer et al. 2020), torch,
-  imported lazily.
+- :class:`VoxelComBat` (:mod:`~dmriharmony.harmonizers.voxel_combat`): ComBat over template
+  voxels, out of core (chunked, on-disk matrices).
+- :class:`RISHHarmonizer` (:mod:`~dmriharmony.harmonizers.rish`): RISH site templates and scale
+  maps (Mirzaalian et al. 2016).
+- :class:`SiteInvariantVAE` (:mod:`~dmriharmony.harmonizers.vae`): site-invariant conditional VAE
+  (Moyer et al. 2020), torch, imported lazily.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_SUBMODULES = {"meta", "mixed", "combat", "covbat", "gam", "rish", "vae"}
+_SUBMODULES = {"meta", "mixed", "combat", "covbat", "gam", "rish", "vae", "voxel_combat"}
 _ATTRIBUTES = {
     "ComBat": "combat",
     "CovBat": "covbat",
     "ComBatGAM": "gam",
+    "VoxelComBat": "voxel_combat",
+    "RISHHarmonizer": "rish",
+    "SiteInvariantVAE": "vae",
 }
 
 __all__ = sorted(_SUBMODULES | set(_ATTRIBUTES))
