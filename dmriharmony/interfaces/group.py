@@ -1,8 +1,6 @@
 """Nipype interfaces of the group level (thin wrappers over :mod:`dmriharmony.group` and
 :mod:`dmriharmony.reports`; no science here).
 
-- :class:`GroupROITable`: join the per-run ROI rows with ``participants.tsv`` and the site table
-  (:func:`dmriharmony.tbss.roi.build_roi_table`) — the JoinNode target of the participant level;
 - :class:`GroupHarmonize`: every chosen harmonizer and effect estimator side by side on the ROI
   table (:func:`dmriharmony.group.run_methods`): harmonized tables, effect tables, saved models,
   the evaluation table, in one output folder;
@@ -29,44 +27,12 @@ from nipype.interfaces.base import (  # noqa: E402
     traits,
 )
 
-__all__ = ["GroupHarmonize", "GroupROITable", "GroupReport", "RISHStudy",
+__all__ = ["GroupHarmonize", "GroupReport", "RISHStudy",
            "TravelingMapsEvaluation", "VAEStudy"]
 
 
 def _opt(value, default=None):
     return value if isdefined(value) else default
-
-
-class _ROITableInputSpec(BaseInterfaceInputSpec):
-    roi_files = InputMultiObject(File(exists=True), mandatory=True,
-                                 desc="per-run ROI rows (*_desc-skeleton_roi.tsv)")
-    participants_tsv = File(exists=True, desc="BIDS participants.tsv (covariates)")
-    site_table = File(exists=True, desc="site_table.tsv of the participant level")
-
-
-class _ROITableOutputSpec(TraitedSpec):
-    roi_table = File(exists=True, desc="roi_table.tsv: one row per run and metric")
-
-
-class GroupROITable(SimpleInterface):
-    """One group ROI table from the participant level's ROI rows."""
-
-    input_spec = _ROITableInputSpec
-    output_spec = _ROITableOutputSpec
-
-    def _run_interface(self, runtime):
-        import pandas as pd
-
-        from dmriharmony.tbss.roi import build_roi_table, read_roi_rows, write_table
-
-        rows = read_roi_rows(sorted(self.inputs.roi_files))
-        parts = _opt(self.inputs.participants_tsv)
-        if parts is None:
-            parts = pd.DataFrame({"participant_id": sorted({f"sub-{s}" for s in rows["subject"]})})
-        table = build_roi_table(rows, parts, _opt(self.inputs.site_table))
-        out = write_table(table, Path(runtime.cwd) / "roi_table.tsv")
-        self._results["roi_table"] = str(out)
-        return runtime
 
 
 class _HarmonizeInputSpec(BaseInterfaceInputSpec):

@@ -3,7 +3,7 @@
 ::
 
     inputnode(roi_files, participants_tsv, site_table, deriv_dir, apply_models_dir)
-      -> roi_table (GroupROITable: the ROI rows joined with participants.tsv and the sites)
+      -> roi_table (ROITable: the ROI rows joined with participants.tsv and the sites)
       -> harmonize (GroupHarmonize: harmonizers and effect estimators side by side, models,
                     evaluation)
       -> report (GroupReport: report.html)
@@ -29,7 +29,8 @@ os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
 from nipype.interfaces import utility as niu  # noqa: E402
 from nipype.pipeline import engine as pe  # noqa: E402
 
-from dmriharmony.interfaces.group import GroupHarmonize, GroupReport, GroupROITable  # noqa: E402
+from dmriharmony.interfaces.group import GroupHarmonize, GroupReport  # noqa: E402
+from dmriharmony.interfaces.tbss import ROITable  # noqa: E402
 
 __all__ = ["GROUP_OUTPUTS", "init_group_maps_wf", "init_group_wf"]
 
@@ -70,7 +71,7 @@ def init_group_wf(
 
     Inputs (``inputnode``)
     ----------------------
-    roi_files : per-run ROI TSVs; participants_tsv, site_table : optional; deriv_dir : the
+    roi_files : per-run ROI TSVs; participants_tsv; site_table (optional); deriv_dir : the
     derivatives root (per-run QC for the report, optional); apply_models_dir : apply saved
     models instead of fitting (optional); bids_dir, template_source, template_dir : the raw
     DWI and the participant level's template, for ``rish`` and ``vae`` (they re-synthesise the
@@ -92,7 +93,7 @@ def init_group_wf(
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=GROUP_OUTPUTS), name="outputnode")
 
-    table = pe.Node(GroupROITable(), name="roi_table")
+    table = pe.Node(ROITable(), name="roi_table")
     harm = pe.Node(GroupHarmonize(harmonizers=names, covariates=list(covariates), effect=effect,
                                   metrics=list(metrics), seed=seed, evaluate=evaluate),
                    name="harmonize")
