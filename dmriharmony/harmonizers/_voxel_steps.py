@@ -118,9 +118,30 @@ def read_matrix(matrix_file: str | os.PathLike) -> np.ndarray:
     return mm
 
 
+def release_pages(X: np.ndarray) -> None:
+    """Drop a memory map's pages from this process's resident set (they stay in the page
+    cache; dirty pages of a writable map are flushed first). Reading a column chunk of a
+    C-order subjects x voxels map touches pages across every row, so without this the
+    resident memory would grow to the whole file over the chunks."""
+    import mmap
+
+    base = getattr(X, "_mmap", None)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED") or not hasattr(base, "madvise"):
+        return
+    if getattr(X, "mode", "r") != "r":
+        X.flush()
+    try:
+        base.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):  # not supported for this mapping: memory stays as it is
+        pass
+
+
 def read_columns(X: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Columns ``[start, stop)`` of ``X`` (memmap or array) as a float64 copy; checks infinities."""
+    """Columns ``[start, stop)`` of ``X`` (memmap or array) as a float64 copy; checks infinities.
+
+    A memory map's pages are released after the copy (:func:`release_pages`)."""
     block = np.array(X[:, start:stop], dtype=float)
+    release_pages(X)
     if np.isinf(block).any():
         col = start + int(np.flatnonzero(np.isinf(block).any(axis=0))[0])
         row = int(np.flatnonzero(np.isinf(block[:, col - start]))[0])

@@ -68,6 +68,7 @@ from dmriharmony.harmonizers._voxel_steps import (
     pool_stats_arrays,
     read_columns,
     read_matrix,
+    release_pages,
     save_design,
     save_model,
     slice_model,
@@ -245,6 +246,7 @@ class VoxelComBat:
                 start, stop = chunk_bounds(p, self.chunk_size, c)
                 out[:, start:stop] = adjust_array(
                     read_columns(Xm, start, stop), slice_model(self.model_, start, stop), design)
+                release_pages(out)
             if tmp is None:
                 return out
             out.flush()
