@@ -216,7 +216,9 @@ def render_report(
         parts.append("<h2>Is the scanner gone? Site prediction before and after</h2>")
         parts.append("<p>Cross-validated balanced accuracy of predicting the site from the ROI "
                      "values (covariates regressed out; each harmonizer fitted inside the "
-                     "training folds). Chance is 1/number of sites.</p>")
+                     "training folds, except RISH and the VAE, which re-process the DWI once "
+                     "for all runs: their 'after' is the leaky kind). Chance is 1/number of "
+                     "sites.</p>")
         for param in sorted(summary["param"].unique()):
             s = summary[summary["param"] == param]
             if s["site_acc_after"].notna().any():
