@@ -134,3 +134,36 @@ def test_workflow_equals_direct(tmp_path):
         outs = node.result.outputs.out_files
         for a, b in zip(outs, direct):
             assert np.array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
+
+
+@pytest.mark.parametrize("dtype", ["<f8", ">f4"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npy_matrix_positioned_io(tmp_path, dtype, order):
+    """On-disk matrices are read and written by blocks without memory maps (any order, byte
+    order); a caller's whole-file memmap is read the same way; results equal in-memory ComBat."""
+    from dmriharmony.harmonizers._voxel_steps import NpyMatrix, as_block_source, read_matrix
+
+    X, cov = _data()
+    A = np.asarray(X, dtype=dtype, order=order)
+    np.save(tmp_path / "a.npy", A)
+    m = read_matrix(tmp_path / "a.npy")
+    assert m.fortran == (order == "F") and m.shape == A.shape
+    assert np.array_equal(m.read(3, 20), A[:, 3:20])
+    assert np.array_equal(m.read(5, 9, rows=True), A[5:9])
+    w = NpyMatrix.create(tmp_path / "w.npy", A.shape, dtype)
+    w.write(0, A[:, :30])
+    w.write(30, A[:, 30:])
+    w.write(7, 2 * A[7:9], rows=True)
+    B = A.copy()
+    B[7:9] *= 2
+    assert np.array_equal(np.load(tmp_path / "w.npy"), B)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert isinstance(as_block_source(mm), NpyMatrix)
+    assert not isinstance(as_block_source(mm[:, 1:]), NpyMatrix)  # a view stays an array
+    ref = ComBat().fit_transform(A.astype(float), SITES, cov)
+    v = VoxelComBat(chunk_size=10).fit(mm, SITES, cov)
+    got = np.load(v.transform(tmp_path / "a.npy", SITES, cov, tmp_path / "h.npy"))
+    assert got.dtype == np.dtype(dtype) and np.max(np.abs(got - ref)) < 1e-6
+    (tmp_path / "t.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:300])
+    with pytest.raises(HarmonizationError, match="truncated"):
+        read_matrix(tmp_path / "t.npy")

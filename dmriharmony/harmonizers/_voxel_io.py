@@ -3,8 +3,9 @@
 A mask (template-space brain mask or TBSS skeleton) selects the voxels; its nonzero voxels in
 C order (``numpy`` ravel order of the 3-D array) are the matrix columns. Maps must lie on the
 mask's grid (same shape, affine equal to 1e-4 mm); anything else is an error naming the file.
-The matrix is written subject by subject into a ``.npy`` memory map (``open_memmap``), so memory
-stays at one volume whatever the number of subjects. Files are written under a temporary name
+The matrix is written subject by subject into a ``.npy`` by plain file writes (no memory map,
+whose touched pages would count in the resident set), so memory stays at one volume whatever the
+number of subjects. Files are written under a temporary name
 in the destination folder and moved into place (:func:`os.replace`).
 
 Missing values: NaN voxels of a map are kept as NaN in the matrix; ComBat then fits each voxel on
@@ -24,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from dmriharmony.errors import HarmonizationError
+from dmriharmony.harmonizers._voxel_steps import NpyMatrix, read_matrix
 
 __all__ = ["build_voxel_matrix", "load_mask", "mask_info", "output_name", "write_maps"]
 
@@ -101,8 +103,8 @@ def build_voxel_matrix(
 ) -> Path:
     """Stack the mask voxels of NIfTI maps into an on-disk ``(n_subjects, n_voxels)`` ``.npy``.
 
-    Written subject by subject through :func:`numpy.lib.format.open_memmap` (peak memory: one
-    volume), to a temporary file then renamed. Row ``j`` is ``map_j[mask]`` (C order).
+    Written subject by subject with positioned writes (:class:`~._voxel_steps.NpyMatrix`; peak
+    memory: one volume), to a temporary file then renamed. Row ``j`` is ``map_j[mask]`` (C order).
 
     Parameters
     ----------
@@ -132,7 +134,7 @@ def build_voxel_matrix(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_like(out)
     try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(files), n_vox))
+        mm = NpyMatrix.create(tmp, (len(files), n_vox), dtype)
         for j, f in enumerate(files):
             img = _load_img(f, "map")
             _check_grid(img, f, mask.shape, affine, str(mask_file))
@@ -141,9 +143,8 @@ def build_voxel_matrix(
                 raise HarmonizationError(
                     f"map {f} has {int(np.isinf(values).sum())} infinite value(s) inside the mask"
                 )
-            mm[j] = values
+            mm.write(j, values[None, :], rows=True)
         mm.flush()
-        del mm
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -179,7 +180,7 @@ def write_maps(
     chunk_files : sequence of paths
         ``.npy`` blocks ``(n_subjects, w_c)`` in voxel order (the per-chunk outputs of
         :func:`~._voxel_steps.adjust_chunk`, or one full ``(n_subjects, n_voxels)`` matrix);
-        opened as memory maps, one subject row read at a time.
+        one subject row read at a time (positioned reads, :class:`~._voxel_steps.NpyMatrix`).
     mask_file : path
     out_files : sequence of paths, one per subject
     in_files : sequence of paths, optional
@@ -190,7 +191,7 @@ def write_maps(
     list of Path (float32 NIfTI, 0 outside the mask, NaN where the input was NaN).
     """
     mimg, mask = load_mask(mask_file)
-    blocks = [np.load(Path(f), mmap_mode="r", allow_pickle=False) for f in chunk_files]
+    blocks = [read_matrix(f) for f in chunk_files]
     if not blocks:
         raise HarmonizationError("no harmonized voxel blocks given")
     n = blocks[0].shape[0]
@@ -212,7 +213,8 @@ def write_maps(
         raise HarmonizationError(f"{len(in_files)} input maps for {n} subjects")
     written = []
     for j, out in enumerate(outs):
-        row = np.concatenate([np.asarray(b[j], dtype=np.float32) for b in blocks])
+        row = np.concatenate([b.read(j, j + 1, rows=True)[0].astype(np.float32)
+                              for b in blocks])
         vol = np.zeros(mask.shape, dtype=np.float32)
         vol[mask] = row
         header = (_load_img(in_files[j], "map").header if in_files is not None

@@ -30,6 +30,7 @@ the in-memory fit to rounding (measured below 1e-12, see ``tests/test_voxel_comb
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import tempfile
 import warnings
@@ -60,6 +61,7 @@ from dmriharmony.harmonizers.combat import (
 
 __all__ = [
     "Design",
+    "NpyMatrix",
     "adjust_array",
     "adjust_chunk",
     "chunk_bounds",
@@ -70,6 +72,7 @@ __all__ = [
     "pool_chunks",
     "pool_stats_arrays",
     "read_matrix",
+    "release_pages",
     "write_design",
 ]
 
@@ -101,30 +104,170 @@ def chunk_bounds(n_voxels: int, chunk_size: int, index: int) -> tuple[int, int]:
     return start, min(start + int(chunk_size), int(n_voxels))
 
 
-def read_matrix(matrix_file: str | os.PathLike) -> np.ndarray:
-    """Open a subjects x voxels ``.npy`` read-only as a memory map (nothing is loaded)."""
+class NpyMatrix:
+    """A 2-D float ``.npy`` on disk, read and written by blocks with positioned file I/O.
+
+    Not a memory map on purpose: every mapped page a process touches counts in its resident set,
+    and with page-cache large folios (Linux 6.x on ext4/xfs) one read fault maps a whole folio,
+    so reading one column chunk of a C-order subjects x voxels map made most of the file
+    resident (1.5 GB of a 1.6 GB matrix, 200,000 voxels x 2,000 subjects; ``madvise`` afterwards
+    does not lower the peak). Reading or writing row segments with ``seek`` + ``readinto`` /
+    ``write`` keeps the memory at the block itself; the data stay in the page cache, outside
+    the process.
+
+    Attributes
+    ----------
+    path : Path
+    shape : (n_rows, n_cols)
+    dtype : numpy dtype (as stored, any byte order)
+    offset : int
+        Byte offset of the data (after the ``.npy`` header).
+    fortran : bool
+        Column-major storage.
+    """
+
+    ndim = 2
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], dtype: Any,
+                 offset: int, fortran: bool = False) -> None:
+        self.path = Path(path)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.offset = int(offset)
+        self.fortran = bool(fortran)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, shape: tuple[int, int], dtype: Any) -> NpyMatrix:
+        """A new C-order ``.npy`` of ``shape`` (header written, data zero-filled sparsely)."""
+        dtype = np.dtype(dtype)
+        with open(path, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {
+                "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                "shape": (int(shape[0]), int(shape[1]))})
+            offset = fh.tell()
+            fh.truncate(offset + int(shape[0]) * int(shape[1]) * dtype.itemsize)
+        return cls(path, shape, dtype, offset)
+
+    def _runs(self, start: int, stop: int, rows: bool) -> tuple[int, int, int, int]:
+        """(count, bytes per run, position of the first run, stride) of the contiguous runs
+        holding rows (or columns) ``[start, stop)``."""
+        n, p = self.shape
+        size = self.dtype.itemsize
+        width = stop - start
+        if rows != self.fortran:  # rows of a C matrix / columns of a Fortran one: contiguous
+            line = p if rows else n
+            return 1, width * line * size, self.offset + start * line * size, 0
+        count, line = (p, n) if rows else (n, p)
+        return count, width * size, self.offset + start * size, line * size
+
+    def _block(self, start: int, stop: int, rows: bool) -> np.ndarray:
+        n, p = self.shape
+        shape = (stop - start, p) if rows else (n, stop - start)
+        return np.empty(shape[::-1] if self.fortran else shape, dtype=self.dtype)
+
+    def read(self, start: int, stop: int, rows: bool = False) -> np.ndarray:
+        """Columns (or, ``rows=True``, rows) ``[start, stop)`` as an array of the stored dtype."""
+        buf = self._block(start, stop, rows)
+        count, nb, pos, stride = self._runs(start, stop, rows)
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as fh:
+            for r in range(count):
+                fh.seek(pos + r * stride)
+                done = r * nb
+                while done < (r + 1) * nb:  # a read returns at most ~2 GiB
+                    got = fh.readinto(view[done:(r + 1) * nb])
+                    if not got:
+                        raise HarmonizationError(f"voxel matrix {self.path} is truncated")
+                    done += got
+        return buf.T if self.fortran else buf
+
+    def write(self, start: int, block: np.ndarray, rows: bool = False) -> None:
+        """Write ``block`` as columns (or rows) ``start ...`` (cast to the stored dtype)."""
+        block = np.asarray(block, dtype=self.dtype)
+        stop = start + (block.shape[0] if rows else block.shape[1])
+        data = np.ascontiguousarray(block.T if self.fortran else block)
+        count, nb, pos, stride = self._runs(start, stop, rows)
+        view = memoryview(data.reshape(-1).view(np.uint8))
+        with open(self.path, "r+b", buffering=0) as fh:
+            for r in range(count):
+                fh.seek(pos + r * stride)
+                done = r * nb
+                while done < (r + 1) * nb:
+                    done += fh.write(view[done:(r + 1) * nb])
+
+    def flush(self) -> None:
+        """Push written data to the disk (``fsync``)."""
+        with open(self.path, "r+b") as fh:
+            os.fsync(fh.fileno())
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.read(0, self.shape[1])
+        return arr if dtype is None else arr.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"NpyMatrix({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+def _read_header(path: Path) -> NpyMatrix:
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f".npy format version {version} is not supported")
+        offset = fh.tell()
+    if len(shape) != 2 or dtype.kind != "f":
+        raise HarmonizationError(
+            f"voxel matrix {path} must be a 2-D float array (subjects x voxels), got"
+            f" {dtype} {shape}"
+        )
+    mat = NpyMatrix(path, shape, dtype, offset, fortran)
+    if path.stat().st_size < offset + mat.nbytes:
+        raise HarmonizationError(
+            f"voxel matrix {path} is truncated ({path.stat().st_size} bytes for a"
+            f" {shape[0]} x {shape[1]} {dtype} array)"
+        )
+    return mat
+
+
+def read_matrix(matrix_file: str | os.PathLike) -> NpyMatrix:
+    """Open a subjects x voxels ``.npy`` for reading by blocks (:class:`NpyMatrix`; only its
+    header is read)."""
     path = Path(matrix_file)
     if not path.is_file():
         raise HarmonizationError(f"voxel matrix {path} does not exist")
     try:
-        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+        return _read_header(path)
+    except HarmonizationError:
+        raise
     except (OSError, ValueError) as exc:
         raise HarmonizationError(f"voxel matrix {path} is not a .npy array ({exc})") from exc
-    if mm.ndim != 2 or mm.dtype.kind != "f":
-        raise HarmonizationError(
-            f"voxel matrix {path} must be a 2-D float array (subjects x voxels), got"
-            f" {mm.dtype} {mm.shape}"
-        )
-    return mm
+
+
+def as_block_source(X: Any) -> Any:
+    """A caller's whole-file memory map (e.g. ``np.load(path, mmap_mode="r")``) as the
+    :class:`NpyMatrix` of its file, so that it is read by positioned I/O instead of through the
+    map (see :class:`NpyMatrix`); anything else unchanged. Copy-on-write maps (``mode="c"``)
+    and views stay arrays: their content may differ from the file."""
+    if (isinstance(X, np.memmap) and isinstance(X.base, mmap.mmap) and X.ndim == 2
+            and getattr(X, "filename", None) and X.mode in ("r", "r+", "w+")
+            and (X.flags.c_contiguous or X.flags.f_contiguous)):
+        return NpyMatrix(X.filename, X.shape, X.dtype, X.offset,
+                         fortran=not X.flags.c_contiguous)
+    return X
 
 
 def release_pages(X: np.ndarray) -> None:
-    """Drop a memory map's pages from this process's resident set (they stay in the page
-    cache; dirty pages of a writable map are flushed first). Reading a column chunk of a
-    C-order subjects x voxels map touches pages across every row, so without this the
-    resident memory would grow to the whole file over the chunks."""
-    import mmap
-
+    """Drop a memory map's pages from this process's resident set after a block was read (they
+    stay in the page cache; dirty pages of a writable map are flushed first). Only for maps that
+    cannot be read as an :class:`NpyMatrix` (views, copy-on-write): it bounds the growth over
+    the chunks, not the peak within one read."""
     base = getattr(X, "_mmap", None)
     if base is None or not hasattr(mmap, "MADV_DONTNEED") or not hasattr(base, "madvise"):
         return
@@ -136,12 +279,14 @@ def release_pages(X: np.ndarray) -> None:
         pass
 
 
-def read_columns(X: np.ndarray, start: int, stop: int) -> np.ndarray:
-    """Columns ``[start, stop)`` of ``X`` (memmap or array) as a float64 copy; checks infinities.
-
-    A memory map's pages are released after the copy (:func:`release_pages`)."""
-    block = np.array(X[:, start:stop], dtype=float)
-    release_pages(X)
+def read_columns(X: Any, start: int, stop: int) -> np.ndarray:
+    """Columns ``[start, stop)`` of ``X`` (:class:`NpyMatrix`, memmap or array) as a float64
+    copy; checks infinities."""
+    if isinstance(X, NpyMatrix):
+        block = np.array(X.read(start, stop), dtype=float)
+    else:
+        block = np.array(X[:, start:stop], dtype=float)
+        release_pages(X)
     if np.isinf(block).any():
         col = start + int(np.flatnonzero(np.isinf(block).any(axis=0))[0])
         row = int(np.flatnonzero(np.isinf(block[:, col - start]))[0])

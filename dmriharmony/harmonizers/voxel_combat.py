@@ -18,7 +18,13 @@ The result equals ``ComBat().fit_transform`` on the full matrix to rounding (par
 non-parametric, mean-only, reference site, ``eb=False``; missing values). Steps 2 and 4 take and
 return file paths, so :func:`~dmriharmony.workflows.voxel_combat.init_voxel_combat_wf` runs them
 as Nipype MapNodes that a cluster plugin can spread. Peak memory of one chunk step is about
-``6 x 8 x n_subjects x chunk_size`` bytes (float64 copies of the chunk, residuals, mask).
+``6 x 8 x n_subjects x chunk_size`` bytes (float64 copies of the chunk, residuals, mask). The
+on-disk matrices are read and written by positioned file I/O, not through memory maps
+(:class:`~._voxel_steps.NpyMatrix`): mapped pages would count in the resident set, and with
+page-cache large folios reading one column chunk of a map made most of the file resident
+(measured at 200,000 voxels x 2,000 subjects, float32: 3,542 MiB peak through maps, 1,886 MiB
+with ``madvise`` after each chunk, 544 MiB with positioned I/O;
+``benchmarks/bench_voxel_combat.py``).
 
 Cost of the non-parametric EB: it needs every voxel's estimates at once (O(voxels) memory, fine)
 and O(voxels^2) time per site (sva's ``int.eprior``; here ~2 ns per voxel pair, so 200,000
@@ -53,8 +59,10 @@ from dmriharmony.harmonizers._voxel_io import (
 )
 from dmriharmony.harmonizers._voxel_steps import (
     Design,
+    NpyMatrix,
     adjust_array,
     adjust_chunk,
+    as_block_source,
     chunk_bounds,
     chunk_stats,
     chunk_stats_array,
@@ -68,7 +76,6 @@ from dmriharmony.harmonizers._voxel_steps import (
     pool_stats_arrays,
     read_columns,
     read_matrix,
-    release_pages,
     save_design,
     save_model,
     slice_model,
@@ -90,11 +97,16 @@ __all__ = [
     "write_maps",
 ]
 
-def _as_matrix(X: Any) -> tuple[np.ndarray, Any]:
-    """A path to a .npy opens as a read-only memmap; arrays are used as they are (no copy)."""
+def _as_matrix(X: Any) -> tuple[Any, Any]:
+    """A path to a .npy, or a whole-file memmap of one, is read by positioned I/O
+    (:class:`~._voxel_steps.NpyMatrix`: only the chunk being processed is in memory); other
+    arrays are used as they are (no copy)."""
     if isinstance(X, (str, os.PathLike)):
         mm = read_matrix(X)
         return mm, np.dtype(mm.dtype)
+    src = as_block_source(X)
+    if isinstance(src, NpyMatrix):
+        return src, np.dtype(src.dtype)
     arr = np.asarray(X) if not isinstance(X, np.memmap) else X
     if arr.ndim != 2 or arr.dtype.kind not in "fiu":
         raise HarmonizationError(
@@ -109,7 +121,7 @@ class VoxelComBat:
     """ComBat over template-space voxels, fitted and applied chunk by chunk.
 
     Same model and options as :class:`~dmriharmony.harmonizers.combat.ComBat`; the data are a
-    subjects x voxels matrix on disk (``.npy``, opened as a memory map) or in memory, and only
+    subjects x voxels matrix on disk (``.npy``, read by positioned I/O) or in memory, and only
     ``chunk_size`` voxel columns are held at a time.
 
     Parameters
@@ -217,7 +229,7 @@ class VoxelComBat:
         -------
         ndarray (n_subjects, n_voxels) in memory when ``out_path`` is None, else the Path of the
         harmonized ``.npy`` (same dtype as ``X``; written column chunk by column chunk into a
-        memory map, then renamed into place).
+        temporary file, then renamed into place).
         """
         self._check_fitted()
         Xm, dtype = _as_matrix(X)
@@ -240,17 +252,20 @@ class VoxelComBat:
                                         dir=final.parent)
             os.close(fd)
             tmp = Path(name)
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, p))
+            out = NpyMatrix.create(tmp, (n, p), dtype)
         try:
             for c in range(n_chunks(p, self.chunk_size)):
                 start, stop = chunk_bounds(p, self.chunk_size, c)
-                out[:, start:stop] = adjust_array(
+                Y = adjust_array(
                     read_columns(Xm, start, stop), slice_model(self.model_, start, stop), design)
-                release_pages(out)
+                if tmp is None:
+                    out[:, start:stop] = Y
+                else:
+                    out.write(start, Y)
+                del Y
             if tmp is None:
                 return out
             out.flush()
-            del out
             os.replace(tmp, final)
         except BaseException:
             if tmp is not None:
