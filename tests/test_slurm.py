@@ -4,7 +4,10 @@
 2. the job array ``scripts/slurm/participant_array.sbatch``: one participant per array task
    (each task runs the app locally on its node, with its own work folder);
 3. ``scripts/slurm/submit_study.sh`` chains the group level after the array
-   (``--dependency=afterok``), checked with a stub command in place of the app.
+   (``--dependency=afterok``), checked with a stub command in place of the app;
+4. the group level with ``--plugin SLURM`` (each group node an sbatch job) equals
+   ``--plugin MultiProc`` on the same simulated participant outputs (tests/_group_data.py):
+   byte-identical tables and report, the same saved models (~30 s).
 
 The derivatives of (1) and (2) must be byte-identical to a local ``--plugin MultiProc`` run,
 except the run times in ``*_desc-tbss_qc.tsv`` (``registration_s``, ``total_s``).
@@ -15,6 +18,8 @@ cluster on this machine (root, Debian). The end-to-end test is slow (~2.5 min on
 
     bash scripts/slurm/start_local_slurm.sh && .venv/bin/python -m pytest -m slow \
         tests/test_slurm.py
+
+(``-k group`` runs the group-level comparison only.)
 
 On a multi-node cluster, set ``DMRIHARMONY_SLURM_TMPDIR`` to a folder on a filesystem the
 compute nodes share (the default is pytest's temporary folder); ``DMRIHARMONY_SLURM_SBATCH``
@@ -303,3 +308,74 @@ def test_submit_study_dry_run(tmp_path):
                            str(tmp_path / "out2")], capture_output=True, text=True, timeout=60,
                           env=env)
     assert proc.returncode == 66 and "no sub-* folders" in proc.stderr
+
+
+GROUP_HARMONIZERS = "combat,covbat,gam,meta,mixed"
+
+
+def _npz_differences(a: Path, b: Path) -> list:
+    """Keys whose arrays differ between two saved models (NaN equals NaN)."""
+    with np.load(a, allow_pickle=False) as x, np.load(b, allow_pickle=False) as y:
+        if set(x.files) != set(y.files):
+            return [("keys differ", sorted(set(x.files) ^ set(y.files)))]
+        out = []
+        for k in sorted(x.files):
+            u, v = x[k], y[k]
+            nan = u.dtype.kind in "fc" and v.dtype.kind in "fc"
+            if u.shape != v.shape or u.dtype != v.dtype or not np.array_equal(
+                    u, v, equal_nan=nan):
+                out.append(k)
+        return out
+
+
+@pytest.mark.slow
+def test_group_level_slurm_plugin_equals_multiproc(tmp_path_factory, slurm):
+    """The group level as sbatch jobs (``--plugin SLURM``) equals ``--plugin MultiProc``.
+
+    Two copies of the same simulated participant outputs (make_group_input twice, same seed),
+    one run each way with its own output and work folders; every TSV and report.html under
+    ``group/`` is byte-identical and the saved ``.npz`` models are equal array by array. (The
+    JSON sidecars name their inputs by absolute path, so they differ by design.)
+    """
+    from _group_data import make_group_input
+
+    root = _base_dir(tmp_path_factory, "slurm_group")
+    inputs = {}
+    for name in ("multiproc", "slurm"):
+        inputs[name] = make_group_input(root / name, seed=5)
+    a, b = (inputs[n]["out"].parent for n in ("multiproc", "slurm"))
+    assert _tree(a) == _tree(b) and all(
+        filecmp.cmp(a / rel, b / rel, shallow=False) for rel in _tree(a)), "inputs differ"
+    common = ["--harmonizers", GROUP_HARMONIZERS, "--covariates", "age,sex", "--effect", "dx",
+              "--seed", "7"]
+    plugins = {"multiproc": ["--plugin", "MultiProc", "--nprocs", "2"],
+               "slurm": ["--plugin", "SLURM", "--plugin-args",
+                         json.dumps({"sbatch_args": JOB_OPTIONS})]}
+    for name, d in inputs.items():
+        t0 = time.perf_counter()
+        proc = _run([*_app_command(), str(d["bids"]), str(d["out"]), "group", "-w",
+                     str(root / f"work_{name}"), *common, *plugins[name]], timeout=1200)
+        print(f"group level, --plugin {plugins[name][1]}: {time.perf_counter() - t0:.1f} s")
+        assert "group level done" in proc.stdout, proc.stdout[-2000:]
+    logs = list((root / "work_slurm").rglob("slurm-*.out"))
+    assert len(logs) >= 3, "no SLURM job logs: the group nodes did not run through sbatch"
+    assert not list((root / "work_multiproc").rglob("slurm-*.out"))
+
+    ref, other = (inputs[n]["deriv"] / "group" for n in ("multiproc", "slurm"))
+
+    def outputs(g: Path) -> set[Path]:
+        return {p for p in _tree(g) if p.suffix in (".tsv", ".npz") or p.name == "report.html"}
+
+    files = outputs(ref)
+    assert files == outputs(other), sorted(map(str, files ^ outputs(other)))
+    assert Path("report.html") in files
+    assert len([p for p in files if p.suffix == ".npz"]) >= 6  # combat, covbat, gam x fa, md
+    problems = []
+    for rel in sorted(files):
+        if rel.suffix == ".npz":
+            diff = _npz_differences(ref / rel, other / rel)
+            if diff:
+                problems.append((str(rel), diff))
+        elif not filecmp.cmp(ref / rel, other / rel, shallow=False):
+            problems.append(("differs", str(rel)))
+    assert problems == []
