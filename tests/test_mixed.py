@@ -154,8 +154,10 @@ def test_vectorised_equals_one_at_a_time() -> None:
     together = mixed.fit(data, feats, fixed="age + sex + dx")
     for f in feats:
         alone = mixed.fit(data, [f], fixed="age + sex + dx")
-        np.testing.assert_allclose(together.coef.loc[f], alone.coef.loc[f], rtol=1e-10)
-        np.testing.assert_allclose(together.sigma2_site[f], alone.sigma2_site[f], rtol=1e-8)
+        # the same optimum to the optimizer's tolerance (xtol 1e-9 on the variance parameter;
+        # the vectorised and single fits take different paths, and BLAS builds round apart)
+        np.testing.assert_allclose(together.coef.loc[f], alone.coef.loc[f], rtol=1e-7)
+        np.testing.assert_allclose(together.sigma2_site[f], alone.sigma2_site[f], rtol=1e-6)
 
 
 def test_no_site_variance_is_exact_zero() -> None:

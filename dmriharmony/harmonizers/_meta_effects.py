@@ -273,8 +273,11 @@ def site_effects(
                 continue
             bg, seg, dfg, s2g = _ols_term(xg, y[np.ix_(ok, cols)], 1)
             b[cols], se[cols], df_f[cols], s2[cols] = bg, seg, dfg, s2g
+        # zero residual variance up to rounding, relative to the data's own magnitude (a
+        # feature constant at the site has sd 0 and b ~ 0: its scale is |y|)
         sd_y = np.nanstd(y, axis=0, ddof=1)
-        perfect = se <= 1e-12 * np.maximum(np.abs(b), sd_y)
+        scale = np.maximum(np.maximum(np.abs(b), sd_y), np.nanmean(np.abs(y), axis=0))
+        perfect = se <= 1e-12 * scale
         if perfect.any():
             warnings.warn(
                 f"site {s!r}: {int(perfect.sum())} feature(s) fitted perfectly (zero residual "
