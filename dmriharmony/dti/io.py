@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from dmriharmony._fs import set_default_mode
 from dmriharmony.dti.gradients import check_gradients, read_bvals, read_bvecs
 from dmriharmony.errors import BIDSInputError
 
@@ -171,6 +172,7 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -210,6 +212,7 @@ def save_nifti(
     os.close(fd)
     try:
         nib.save(img, tmp)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

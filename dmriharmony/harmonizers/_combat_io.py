@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dmriharmony._fs import set_default_mode
 from dmriharmony.errors import HarmonizationError
 
 __all__ = ["FORMAT_VERSION", "write_model", "read_model"]
@@ -43,6 +44,7 @@ def write_model(
             np.savez(fh, **payload)
             fh.flush()
             os.fsync(fh.fileno())
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

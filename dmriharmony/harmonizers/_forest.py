@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from dmriharmony._fs import set_default_mode
+
 from ..errors import HarmonizationError
 
 
@@ -44,6 +46,7 @@ def save_figure_atomic(fig: Any, path: str | os.PathLike, dpi: int = 150) -> Pat
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format=fmt, dpi=dpi, bbox_inches="tight")
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -24,6 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from dmriharmony._fs import set_default_mode
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.harmonizers._voxel_steps import NpyMatrix, read_matrix
 
@@ -145,6 +146,7 @@ def build_voxel_matrix(
                 )
             mm.write(j, values[None, :], rows=True)
         mm.flush()
+        set_default_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -226,6 +228,7 @@ def write_maps(
         tmp = _tmp_like(out)
         try:
             nib.save(img, str(tmp))
+            set_default_mode(tmp)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)

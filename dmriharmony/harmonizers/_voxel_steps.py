@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dmriharmony._fs import set_default_mode
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.harmonizers import _combat_eb as ebm
 from dmriharmony.harmonizers._combat_io import read_model, write_model
@@ -698,6 +699,7 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

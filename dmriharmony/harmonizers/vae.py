@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dmriharmony._fs import set_default_mode
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.harmonizers._vae_config import MODES, VAEConfig, small_config
 from dmriharmony.harmonizers._vae_data import (
@@ -556,6 +557,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

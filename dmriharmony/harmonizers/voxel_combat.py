@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dmriharmony._fs import set_default_mode
 from dmriharmony.errors import HarmonizationError
 from dmriharmony.harmonizers._voxel_io import (
     build_voxel_matrix,
@@ -266,6 +267,7 @@ class VoxelComBat:
             if tmp is None:
                 return out
             out.flush()
+            set_default_mode(tmp)
             os.replace(tmp, final)
         except BaseException:
             if tmp is not None:

@@ -21,6 +21,7 @@ from nipype.interfaces.base import (  # noqa: E402
     traits,
 )
 
+from dmriharmony._fs import set_default_mode  # noqa: E402
 from dmriharmony.bids.derivatives import derivative_dir, derivative_name, provenance  # noqa: E402
 from dmriharmony.dti.io import atomic_write_bytes  # noqa: E402
 
@@ -80,6 +81,7 @@ class DerivativesDataSink(SimpleInterface):
         os.close(fd)
         try:
             shutil.copyfile(inputs.in_file, tmp)
+            set_default_mode(tmp)
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from nipype.interfaces.base import (  # noqa: E402
     traits,
 )
 
+from dmriharmony._fs import set_default_mode  # noqa: E402
 from dmriharmony.errors import HarmonizationError  # noqa: E402
 
 __all__ = [
@@ -116,6 +117,7 @@ def write_tsv(df: pd.DataFrame, path: str | os.PathLike, index: bool = False) ->
     try:
         with os.fdopen(fd, "w", newline="") as fh:
             df.to_csv(fh, sep="\t", index=index, na_rep="n/a")
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

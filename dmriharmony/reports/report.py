@@ -107,6 +107,17 @@ def _qc_table(deriv: Path) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def _option_text(value) -> str:
+    """An option as a reader writes it: lists joined, None as a dash, dicts as key: value."""
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "-"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_option_text(v)}" for k, v in value.items())
+    return str(value)
+
+
 def _shown_features(wanted: Sequence[str], harmonized: dict[str, pd.DataFrame],
                     effects: dict[str, pd.DataFrame]) -> list[str]:
     """The wanted ROIs that exist; else the first ROI of the effect tables (always one figure)."""
@@ -148,7 +159,8 @@ def render_report(
              f"<p class='small'>dmriharmony {html.escape(__version__)} group report. "
              "Figures are embedded; this file needs nothing else.</p>"]
     if options:
-        opt = pd.DataFrame({"option": list(options), "value": [str(v) for v in options.values()]})
+        opt = pd.DataFrame({"option": list(options),
+                            "value": [_option_text(v) for v in options.values()]})
         parts += ["<h2>Options</h2>", _table(opt)]
     parts.append("<h2>Sites</h2>")
     parts.append(_table(site_summary) if site_summary is not None else
@@ -216,9 +228,10 @@ def render_report(
         parts.append("<h2>Is the scanner gone? Site prediction before and after</h2>")
         parts.append("<p>Cross-validated balanced accuracy of predicting the site from the ROI "
                      "values (covariates regressed out; each harmonizer fitted inside the "
-                     "training folds, except RISH and the VAE, which re-process the DWI once "
-                     "for all runs: their 'after' is the leaky kind). Chance is 1/number of "
-                     "sites.</p>")
+                     "training folds" + (", except RISH and the VAE, which re-process the DWI "
+                                          "once for all runs: their 'after' is the leaky kind"
+                                          if {"rish", "vae"} & set(summary["harmonizer"])
+                                          else "") + "). Chance is 1/number of sites.</p>")
         for param in sorted(summary["param"].unique()):
             s = summary[summary["param"] == param]
             if s["site_acc_after"].notna().any():

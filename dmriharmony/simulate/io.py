@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from dmriharmony._fs import set_default_mode
+
 
 def _current_umask() -> int:
     mask = os.umask(0o022)
@@ -38,6 +40,7 @@ def write_bytes(data: bytes, path: str | Path) -> Path:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from dmriharmony._fs import set_default_mode
 from dmriharmony.errors import TemplateError
 
 ImageLike = str | os.PathLike | nib.spatialimages.SpatialImage
@@ -121,6 +122,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> Path
     os.close(fd)
     try:
         writer(tmp)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
