@@ -104,7 +104,7 @@ def site_prediction_png(summary: pd.DataFrame) -> bytes:
     ax.set_xticks(x, s["harmonizer"], rotation=30, fontsize=8)
     ax.set_ylabel("site balanced accuracy")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not on bars
     return to_png(fig)
 
 
@@ -118,5 +118,5 @@ def traveling_png(summary: pd.DataFrame) -> bytes:
     ax.bar(x + 0.2, s["traveling_cv_after"], 0.4, label="after", color="#55a868")
     ax.set_xticks(x, s["harmonizer"], rotation=30, fontsize=8)
     ax.set_ylabel("between-site CV (%)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return to_png(fig)
