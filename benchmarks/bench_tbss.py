@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DMRIHARMONY_SHARED", REPO.parent / "shared"))
 
 PEER = {"affine_iters": [10000, 1000, 100], "affine_factors": [4, 2, 1],
-        "affine_sigmas": [3.0, 1.0, 0.0], "syn_iters": [10, 10, 5]}
+        "affine_sigmas": [3.0, 1.0, 0.0], "syn_iters": [10, 10, 5],
+        "affine_reference_mm": None}
 
 
 def _template(case: str):
