@@ -201,15 +201,3 @@ def test_study_workflows_build():
     run = [n for n in wf._get_all_nodes() if n.name == "tbss_run"][0]
     assert isinstance(run, pe.MapNode) and "fa" in run.iterfield
     assert run.inputs.syn_iters == [5]
-
-
-def test_affine_pyramid_keeps_its_physical_resolution():
-    cfg = RegistrationConfig()
-    assert cfg.affine_pyramid(2.0) == ([4, 2], [3.0, 1.0])  # as written
-    assert cfg.affine_pyramid(2.5) == ([4, 2], [3.0, 1.0])  # coarser: never finer levels
-    assert cfg.affine_pyramid(1.0) == ([8, 4], [6.0, 2.0])  # ENIGMA 1 mm
-    assert cfg.affine_pyramid(0.5) == ([16, 8], [12.0, 4.0])
-    fixed = RegistrationConfig(affine_reference_mm=None)
-    assert fixed.affine_pyramid(1.0) == ([4, 2], [3.0, 1.0])
-    with pytest.raises(TemplateError, match="affine_reference_mm"):
-        RegistrationConfig(affine_reference_mm=0.0)

@@ -8,9 +8,9 @@ distance map, then shifted by +-2 voxels (2 mm) along x, y and z.
 
 Measured (seed 0): median ROI change 0.005-0.008 over the 6 shifts, whole-skeleton AverageFA
 change <= 0.0042; without the search (sampling the skeleton directly) the median change is
-0.010-0.050. The largest single-ROI change is 0.03-0.07, in small ROIs (SFO, CGC, ~100-700
-skeleton voxels) whose perpendicular search is cut short by the distance map: the < 0.01
-target holds for the median ROI and for AverageFA, not for every ROI.
+0.011-0.050. The largest single-ROI change is 0.03-0.07, in small ROIs (SFO ~95 skeleton
+voxels, UNC-R 74, IFO-L 40, CGC ~300): the < 0.01 target holds for the median ROI and for
+AverageFA, not for every ROI (benchmarks/results/tbss.md).
 """
 
 from __future__ import annotations

@@ -56,12 +56,6 @@ class RegistrationConfig:
     mask_metric
         Restrict the affine MI to the template brain mask (slower; FA templates are already
         zero outside the brain, so off by default).
-    affine_reference_mm
-        Voxel size (mm) the affine pyramid is written for. On a finer template the factors and
-        sigmas are multiplied by ``k = round(affine_reference_mm / voxel_mm)`` so that every
-        level keeps its physical resolution (SyN refines the rest): the 1 mm ENIGMA template
-        gets factors (8, 4), where dense MI at half resolution cost ~4 of the run's 6 minutes;
-        2 mm (and coarser) templates keep the factors as given. None disables the scaling.
     """
 
     affine_iters: list[int] = field(default_factory=lambda: [200, 100])
@@ -74,15 +68,6 @@ class RegistrationConfig:
     cc_sigma_diff: float = 2.0
     seed: int = 0
     mask_metric: bool = False
-    affine_reference_mm: float | None = 2.0
-
-    def affine_pyramid(self, voxel_mm: float) -> tuple[list[int], list[float]]:
-        """Affine factors and sigmas for a static image of ``voxel_mm`` voxels."""
-        k = 1
-        if self.affine_reference_mm is not None and voxel_mm > 0:
-            k = max(1, int(round(self.affine_reference_mm / voxel_mm)))
-        return ([int(f) * k for f in self.affine_factors],
-                [float(s) * k for s in self.affine_sigmas])
 
     def __post_init__(self) -> None:
         if not (len(self.affine_iters) == len(self.affine_factors) == len(self.affine_sigmas)):
@@ -90,8 +75,6 @@ class RegistrationConfig:
                                 "affine_sigmas need the same number of levels")
         if self.sampling_proportion is not None and not 0 < self.sampling_proportion <= 1:
             raise TemplateError("registration config: sampling_proportion must be in (0, 1]")
-        if self.affine_reference_mm is not None and not self.affine_reference_mm > 0:
-            raise TemplateError("registration config: affine_reference_mm must be > 0 (or None)")
 
 
 @dataclass
@@ -267,10 +250,9 @@ def register_to_template(
     affine = com.affine
     times["com_s"] = time.perf_counter() - t0
     metric = MutualInformationMetric(nbins=cfg.nbins, sampling_proportion=cfg.sampling_proportion)
-    voxel_mm = float(np.min(np.sqrt((np.asarray(static_affine)[:3, :3] ** 2).sum(axis=0))))
-    factors, sigmas = cfg.affine_pyramid(voxel_mm)
     reg = AffineRegistration(metric=metric, level_iters=list(cfg.affine_iters),
-                             sigmas=sigmas, factors=factors, verbosity=0)
+                             sigmas=list(cfg.affine_sigmas), factors=list(cfg.affine_factors),
+                             verbosity=0)
     mask = None
     if static_mask is not None and cfg.mask_metric and cfg.sampling_proportion is None:
         mask = (np.asarray(static_mask) != 0).astype(np.int32)
