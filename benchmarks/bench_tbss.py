@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:  # --cases "": only the sections asked for below
         lines = lines[:5]
     else:
-        lines += ["", "What makes it fast: the affine stages stop at half resolution (factors 4, 2: "
+        lines += ["", "What makes it fast: the affine stages stop at half resolution "
+                  "(factors 4, 2: "
                   "SyN does the last voxel), fewer SyN iterations at the fine levels "
                   "([30, 20, 5]), the template's perpendicular directions and distance map "
                   "computed once per study (not per run), a vectorised projection search, "
