@@ -50,7 +50,8 @@ def test_group_outputs_for_every_method(e2e):
         assert len(list(e2e["out"].glob(f"dmriharmony/sub-*/**/*_param-fa_desc-{h}_"
                                          "dwimap.nii.gz"))) == 2 * 21  # native + template
         ev = pd.read_csv(g / f"evaluation_desc-{h}.tsv", sep="\t")
-        assert ev["subject"].tolist() == ["trav01"]
+        assert ev["subject"].tolist() == ["trav01", "trav01"]
+        assert ev["metric"].tolist() == ["fa", "md"]
     assert (g / "models" / "vae" / "vae_model" / "vae_weights.pt").is_file()
     latent = __import__("json").loads((g / "vae_latent_site_accuracy.json").read_text())
     assert 0 <= latent["balanced_accuracy"] <= 1 and latent["chance"] == pytest.approx(1 / 3)

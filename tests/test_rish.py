@@ -119,3 +119,115 @@ def test_bad_input_names_the_problem():
         RISHHarmonizer("z").fit([f, f], ["a", "b"], mask)
     with pytest.raises(HarmonizationError, match="grid"):
         RISHHarmonizer().fit([f, {1000.0: np.ones((2, 2, 2, 2))}], ["a", "b"], mask)
+
+
+def _aged_features(gains, ages_by_site, slope=0.01, seed=0):
+    """Energies linear in age (the biology) times a per-order site gain (the scanner)."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.5, 1.5, SHAPE + (3,))
+    feats, sites, ages = [], [], []
+    for site, ages_here in ages_by_site.items():
+        for age in ages_here:
+            feats.append({1000.0: base * (1.0 + slope * (age - 40.0)) * gains[site] ** 2})
+            sites.append(site)
+            ages.append(age)
+    return feats, sites, np.array(ages)[:, None]
+
+
+def test_covariate_adjusted_templates_compare_sites_at_equal_age():
+    """The target site is 15 years older. Same scanner: plain site means fold the age effect
+    into the scale map, the covariate-adjusted templates (least-squares site means) give 1
+    exactly. Different scanner: the adjusted scale is close to the inverse gain (the model's
+    common age slope is then only approximate, since the gain scales the slope too)."""
+    mask = np.ones(SHAPE, bool)
+    ages = {"ref": [25.0, 30.0, 35.0, 40.0, 45.0], "old": [40.0, 45.0, 50.0, 55.0, 60.0]}
+    kw = dict(smoothing_fwhm=0.0, clip=(0.1, 10))
+    feats, sites, age = _aged_features({"ref": np.ones(3), "old": np.ones(3)}, ages)
+    plain = RISHHarmonizer("ref", **kw).fit(feats, sites, mask).scale_maps("old")[1000.0]
+    adj = RISHHarmonizer("ref", **kw).fit(feats, sites, mask, covariates=age,
+                                          covariate_names=["age"])
+    np.testing.assert_allclose(adj.scale_maps("old")[1000.0], 1.0, rtol=1e-8)
+    assert np.all(np.abs(plain - 1.0) > 0.05)  # 15 years at 1 %/year of energy
+    # the adjusted site templates are the energies at the pooled mean age (42.5 years)
+    base = feats[0][1000.0] / (1.0 + 0.01 * (25.0 - 40.0))
+    np.testing.assert_allclose(adj.templates_["ref"][1000.0], base * (1 + 0.01 * 2.5),
+                               rtol=1e-8)
+    assert adj.covariate_names_ == ["age"]
+
+    gains = {"ref": np.ones(3), "old": np.array([1.0, 0.8, 1.3])}
+    feats, sites, age = _aged_features(gains, ages)
+    plain = RISHHarmonizer("ref", **kw).fit(feats, sites, mask).scale_maps("old")[1000.0]
+    adj = RISHHarmonizer("ref", **kw).fit(feats, sites, mask, covariates=age,
+                                          covariate_names=["age"]).scale_maps("old")[1000.0]
+    err_adj = np.abs(adj * gains["old"] - 1.0)
+    err_plain = np.abs(plain * gains["old"] - 1.0)
+    assert err_adj.max() < 0.01 and err_plain.min() > 0.05
+
+
+def test_covariate_adjustment_without_imbalance_equals_site_means(tmp_path):
+    mask = np.ones(SHAPE, bool)
+    mask[0] = False
+    gains = {"a": np.ones(3), "b": np.array([1.1, 0.9, 0.7])}
+    ages = {"a": [30.0, 50.0, 40.0], "b": [50.0, 30.0, 40.0]}
+    feats, sites, age = _aged_features(gains, ages, slope=0.0)
+    rng = np.random.default_rng(3)
+    feats = [{b: m * rng.uniform(0.9, 1.1, m.shape) for b, m in f.items()} for f in feats]
+    plain = RISHHarmonizer("a", smoothing_fwhm=2.0).fit(feats, sites, mask,
+                                                        voxel_size=(2, 2, 2))
+    adj = RISHHarmonizer("a", smoothing_fwhm=2.0).fit(feats, sites, mask, voxel_size=(2, 2, 2),
+                                                      covariates=age, covariate_names=["age"])
+    for s in "ab":
+        np.testing.assert_allclose(adj.templates_[s][1000.0][mask],
+                                   plain.templates_[s][1000.0][mask], rtol=1e-10)
+        np.testing.assert_allclose(adj.scale_maps(s)[1000.0], plain.scale_maps(s)[1000.0],
+                                   rtol=1e-10)
+    loaded = RISHHarmonizer.load(adj.save(tmp_path / "m.npz"))
+    assert loaded.covariate_names_ == ["age"]
+
+
+def test_covariate_confounded_with_site_is_named():
+    mask = np.ones(SHAPE, bool)
+    gains = {"a": np.ones(3), "b": np.ones(3)}
+    feats, sites, age = _aged_features(gains, {"a": [30.0, 40.0], "b": [30.0, 40.0]})
+    scanner = np.array([[0.0 if s == "a" else 1.0] for s in sites])
+    with pytest.raises(HarmonizationError, match="'field'.*confounded with site"):
+        RISHHarmonizer().fit(feats, sites, mask, covariates=np.hstack([age, scanner]),
+                             covariate_names=["age", "field"])
+    with pytest.raises(HarmonizationError, match="'age' has missing"):
+        RISHHarmonizer().fit(feats, sites, mask, covariates=np.where(age > 35, np.nan, age),
+                             covariate_names=["age"])
+
+
+def _participants(tmp_path):
+    path = tmp_path / "participants.tsv"
+    path.write_text("participant_id\tage\tsex\tdx\tscanner\n"
+                    "sub-a1\t30\tF\t0\tx\nsub-a2\t40\tM\t1\ty\nsub-b1\t50\tM\t0\tz\n"
+                    "sub-b2\t60\tF\t1\tx\nsub-c1\tn/a\tF\t0\tx\n")
+    return path
+
+
+def test_template_covariates_codes_columns_and_selects_controls(tmp_path):
+    from dmriharmony.group.rish import parse_subject_selection, template_covariates
+
+    path = _participants(tmp_path)
+    subs = ["a1", "a2", "b1", "b2"]
+    keep, cov, names, notes = template_covariates(path, subs, ["age", "sex", "dx", "scanner"])
+    assert keep.all() and names == ["age", "sex", "dx", "scanner[y]", "scanner[z]"]
+    np.testing.assert_array_equal(cov[:, :3], [[30, 0, 0], [40, 1, 1], [50, 1, 0], [60, 0, 1]])
+    keep, cov, names, notes = template_covariates(path, subs, ["age", "dx"], "dx=0")
+    assert keep.tolist() == [True, False, True, False]
+    assert names == ["age"] and cov[:, 0].tolist() == [30, 50]
+    assert any("dx is constant" in n for n in notes) and any("2 runs" in n for n in notes)
+    assert template_covariates(path, subs)[1] is None
+    assert parse_subject_selection("group=ctl, hc") == ("group", ["ctl", "hc"])
+    for bad in ("dx", "=0", "dx="):
+        with pytest.raises(HarmonizationError, match="COLUMN=VALUE"):
+            parse_subject_selection(bad)
+    with pytest.raises(HarmonizationError, match="sub-c1 has no 'age'"):
+        template_covariates(path, [*subs, "c1"], ["age"])
+    with pytest.raises(HarmonizationError, match="no column 'handedness'"):
+        template_covariates(path, subs, ["handedness"])
+    with pytest.raises(HarmonizationError, match="sub-zz is not listed"):
+        template_covariates(path, [*subs, "zz"], ["age"])
+    with pytest.raises(HarmonizationError, match="no subject has dx in"):
+        template_covariates(path, subs, [], "dx=2")

@@ -63,6 +63,14 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the evaluation's cross-validation folds (default 0)")
     g.add_argument("--no-report", action="store_true", help="do not write report.html")
+    r = p.add_argument_group("RISH (--harmonizers rish; Mirzaalian et al. 2016)")
+    r.add_argument("--rish-covariates", default=None,
+                   help="participants.tsv columns the RISH site templates are adjusted for "
+                        "(site means at the pooled covariates); default: --covariates and "
+                        "--effect; 'none': plain site means (for matched groups)")
+    r.add_argument("--rish-template-subjects", default=None, metavar="COLUMN=VALUE[,VALUE]",
+                   help="only these participants build the RISH site templates, e.g. dx=0 "
+                        "(matched controls); default: every non-traveling participant")
     v = p.add_argument_group("VAE (--harmonizers vae; Moyer et al. 2020)")
     v.add_argument("--vae-target-site", default=None,
                    help="decode every run with this site's code (default: the site-average "
@@ -71,6 +79,10 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                    help="moyer: mutual-information bound and decoder adversary as published; "
                         "site_adversary (default): plus a latent site classifier the encoder "
                         "is trained to defeat")
+    v.add_argument("--vae-conversion", choices=["decode", "residual"], default="decode",
+                   help="decode (default, Moyer et al.): write the decoded signal D(z, target); "
+                        "residual: the measured signal plus the decoder's change of site, "
+                        "x + D(z, target) - D(z, source), which keeps each scan's own detail")
     v.add_argument("--vae-voxels-per-run", type=int, default=4000,
                    help="training voxels sampled per run (default 4000)")
     v.add_argument("--device", default="cpu",
@@ -79,6 +91,15 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
 
 def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _rish_covariates(args: argparse.Namespace) -> list[str]:
+    """``--rish-covariates``: default the protected covariates and the effect; 'none': none."""
+    if args.rish_covariates is None:
+        return [c for c in _split(args.covariates) if c != args.effect] + [args.effect]
+    if args.rish_covariates.strip().lower() in ("none", ""):
+        return []
+    return _split(args.rish_covariates)
 
 
 def _models_dir(path: Path) -> Path:
@@ -98,8 +119,12 @@ def group_options(args: argparse.Namespace) -> dict:
             "Features": _split(args.features), "ROIs": _split(args.rois) or "all",
             "Level": args.level, "Seed": args.seed,
             "ApplyModel": str(args.apply_model) if args.apply_model else None,
+            **({"RISH": {"Covariates": _rish_covariates(args),
+                         "TemplateSubjects": args.rish_template_subjects or "all"}}
+               if "rish" in _split(args.harmonizers) else {}),
             **({"VAE": {"Mode": args.vae_mode, "TargetSite": args.vae_target_site or
                         "site average", "VoxelsPerRun": args.vae_voxels_per_run,
+                        "Conversion": args.vae_conversion,
                         "Device": args.device}}
                if "vae" in _split(args.harmonizers) else {})}
 
@@ -201,6 +226,7 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     """Build and run the group workflow; install its outputs. Returns (0, message)."""
     from dmriharmony.errors import HarmonizationError
     from dmriharmony.group.harmonize import check_harmonizers
+    from dmriharmony.group.rish import parse_subject_selection
     from dmriharmony.workflows.group import init_group_wf
 
     bids_dir = args.bids_dir.resolve()
@@ -262,13 +288,21 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     LOGGER.info("group level: %d ROI row(s) in space %s; methods %s", len(rows), spaces[0],
                 ", ".join(names))
     vae_options = {"mode": args.vae_mode, "device": args.device,
+                   "conversion": args.vae_conversion,
                    "voxels_per_run": args.vae_voxels_per_run}
     if args.vae_target_site:
         vae_options["target_site"] = args.vae_target_site
+    if "rish" in names:
+        try:
+            parse_subject_selection(args.rish_template_subjects)
+        except HarmonizationError as exc:
+            raise GroupUsageError(f"--rish-template-subjects: {exc}") from None
+    rish_options = {"covariates": _rish_covariates(args),
+                    "template_subjects": args.rish_template_subjects}
     wf = init_group_wf(harmonizers=names, covariates=covariates, effect=args.effect,
                        metrics=features, ref_site=args.reference_site, seed=args.seed,
                        evaluate=models is None, report=not args.no_report,
-                       options=options, vae_options=vae_options,
+                       options=options, vae_options=vae_options, rish_options=rish_options,
                        name="dmriharmony_group_wf")
     wf.base_dir = str(work_dir)
     wf.inputs.inputnode.roi_files = [str(p) for p in rows]

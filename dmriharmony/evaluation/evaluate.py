@@ -111,7 +111,10 @@ def evaluate_harmonizer(
         :func:`dmriharmony.simulate.roi_table.simulate_roi_table`.
     traveling : DataFrame, optional
         Traveling-subject scans (``subject``, ``site``, covariates, features): harmonized by the
-        model fitted on ``table`` and scored by between-site CV/RMSE.
+        model fitted on ``table`` and scored by between-site CV/RMSE. Same-site rescans (several
+        rows of one subject and site, told apart by a ``session`` column) are all harmonized;
+        the between-site scores use the first session per subject and site in sorted session
+        order (:func:`~.traveling.traveling_agreement`).
     traveling_clean : DataFrame, optional
         Their site-free values (simulation), for the RMSE to the truth.
     n_splits, seed, classifier, residualize, n_permutations

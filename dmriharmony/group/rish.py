@@ -29,7 +29,8 @@ import pandas as pd
 
 from dmriharmony.errors import HarmonizationError
 
-__all__ = ["HarmonizedOutputs", "RISHRun", "collect_rish_runs", "rish_study"]
+__all__ = ["HarmonizedOutputs", "RISHRun", "collect_rish_runs", "parse_subject_selection",
+           "rish_study", "template_covariates"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -139,6 +140,31 @@ def _roi_agreement(before: dict, after: dict, labels: np.ndarray, wm: np.ndarray
             "roi_reduction": float(1 - a / b) if b > 0 else float("nan")}
 
 
+def _scan_rescan(before: dict, after: dict, sites: dict, wm: np.ndarray,
+                 labels: np.ndarray | None) -> dict:
+    """Between-site error split into rescan noise and site effect, before/after
+    (:func:`dmriharmony.evaluation.traveling_maps.scan_rescan_rmse`), voxelwise in WM and on
+    the ROI means; ``site_reduction`` is the relative drop of the site-attributable RMSE."""
+    from dmriharmony.evaluation.traveling_maps import scan_rescan_rmse
+
+    out = {}
+    levels = [("", lambda maps: maps, wm)]
+    if labels is not None:
+        n_roi = len([i for i in np.unique(labels[wm]) if i > 0])
+        levels.append(("roi_", lambda maps: {k: _label_means(v, labels, wm)
+                                             for k, v in maps.items()},
+                       np.ones(n_roi, bool)))
+    for prefix, reduce, mask in levels:
+        for when, maps in (("before", before), ("after", after)):
+            r = scan_rescan_rmse(reduce(maps), sites, mask)
+            for key in ("between_rmse", "within_rmse", "site_rmse"):
+                out[f"{prefix}{key}_{when}"] = r[key]
+        b, a = out[f"{prefix}site_rmse_before"], out[f"{prefix}site_rmse_after"]
+        out[f"{prefix}site_reduction"] = float(1 - a / b) if b > 0 else float("nan")
+    out["n_rescan_pairs"] = r["n_within_pairs"]
+    return out
+
+
 class HarmonizedOutputs:
     """What every signal-level harmonizer (RISH, the VAE) leaves per run after its DTI refit:
     native and template-space FA/MD (``desc-<name>``), the TBSS ROI row of the harmonized maps
@@ -150,8 +176,10 @@ class HarmonizedOutputs:
         self.wm = template.mask & (template.fa >= 0.2)
         self.rows: list[dict] = []
         self.roi_files: list[str] = []
-        self.before: dict[str, dict[str, np.ndarray]] = {}
-        self.after: dict[str, dict[str, np.ndarray]] = {}
+        # traveling subjects: map -> subject -> session -> map, and session -> site
+        self.before: dict[str, dict[str, dict[str, np.ndarray]]] = {"fa": {}, "md": {}}
+        self.after: dict[str, dict[str, dict[str, np.ndarray]]] = {"fa": {}, "md": {}}
+        self.session_site: dict[str, dict[str, str]] = {}
 
     def add(self, run: RISHRun, tm, affine: np.ndarray, reg) -> None:
         tpl = self.template
@@ -166,9 +194,12 @@ class HarmonizedOutputs:
                            subject=run.subject, session=run.session,
                            transforms=(str(run.affine), str(run.warp) if run.warp else None))
             self.roi_files.append(res["roi_tsv"])
-        before_fa = np.asarray(nib.load(str(
-            run.folder / f"{run.prefix}_space-{run.space}_model-tensor_param-fa_dwimap.nii.gz"
-        )).dataobj, float)
+        def before(param: str) -> np.ndarray:
+            return np.asarray(nib.load(str(
+                run.folder / f"{run.prefix}_space-{run.space}_model-tensor_param-{param}_"
+                "dwimap.nii.gz")).dataobj, float)
+
+        before_fa = before("fa")
         for param in ("fa", "md"):
             native = getattr(tm, param).astype(np.float32)
             self.write(run.folder / f"{run.prefix}_model-tensor_param-{param}_desc-"
@@ -177,10 +208,13 @@ class HarmonizedOutputs:
             self.write(run.folder / f"{run.prefix}_space-{run.space}_model-tensor_param-"
                        f"{param}_desc-{self.name}_dwimap.nii.gz",
                        nib.Nifti1Image(warped, tpl.affine))
+            if run.traveling:
+                key = run.session or run.prefix
+                self.before[param].setdefault(run.subject, {})[key] = \
+                    before_fa if param == "fa" else before(param)
+                self.after[param].setdefault(run.subject, {})[key] = warped
+                self.session_site.setdefault(run.subject, {})[key] = run.site
             if param == "fa":
-                if run.traveling:
-                    self.before.setdefault(run.subject, {})[run.site] = before_fa
-                    self.after.setdefault(run.subject, {})[run.site] = warped
                 self.rows.append({"prefix": run.prefix, "site": run.site,
                                   "traveling": run.traveling,
                                   "wm_fa_before": float(before_fa[self.wm].mean()),
@@ -190,22 +224,131 @@ class HarmonizedOutputs:
         return pd.DataFrame(self.rows)
 
     def traveling(self) -> pd.DataFrame:
+        """One row per traveling subject and map (FA, MD in WM): between-site RMSE
+        before/after on the first session of every site (sorted labels), and, when a site has
+        rescans, the scan-rescan split of all sessions (``*_between_*``, ``*_within_*``,
+        ``*site_rmse*``, ``*site_reduction``)."""
         from dmriharmony.evaluation.traveling_maps import rmse_reduction
 
         rows = []
-        for sub in sorted(self.before):
-            if len(self.before[sub]) < 2:
+        for param, sub in ((p, s) for p in ("fa", "md") for s in sorted(self.before[p])):
+            site_of = self.session_site[sub]
+            first: dict[str, str] = {}
+            maps_before, maps_after = self.before[param][sub], self.after[param][sub]
+            for ses in sorted(maps_before):
+                first.setdefault(site_of[ses], ses)
+            if len(first) < 2:
                 continue
-            row = {"subject": sub, "metric": "fa", "n_sites": len(self.before[sub]),
-                   **rmse_reduction(self.before[sub], self.after[sub], self.wm)}
+            before = {site: maps_before[ses] for site, ses in first.items()}
+            after = {site: maps_after[ses] for site, ses in first.items()}
+            row = {"subject": sub, "metric": param, "n_sites": len(first),
+                   "n_sessions": len(site_of), **rmse_reduction(before, after, self.wm)}
             if self.template.labels is not None:
-                row.update(_roi_agreement(self.before[sub], self.after[sub],
-                                          self.template.labels, self.wm))
+                row.update(_roi_agreement(before, after, self.template.labels, self.wm))
+            if len(site_of) > len(first):
+                row.update(_scan_rescan(maps_before, maps_after, site_of, self.wm,
+                                        self.template.labels))
             rows.append(row)
         return pd.DataFrame(rows)
 
 
+_MISSING = {"", "n/a", "na", "nan", "none"}
+
+
+def parse_subject_selection(spec: str | None) -> tuple[str, list[str]] | None:
+    """``"COLUMN=VALUE[,VALUE...]"`` (e.g. ``"dx=0"``) -> ``(column, [values])``; "" -> None."""
+    if spec is None or not str(spec).strip():
+        return None
+    column, sep, values = str(spec).partition("=")
+    vals = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not column.strip() or not vals:
+        raise HarmonizationError(f"template subjects {spec!r}: expected COLUMN=VALUE[,VALUE...] "
+                                 "(e.g. dx=0), a participants.tsv column and its values")
+    return column.strip(), vals
+
+
+def template_covariates(participants_tsv: str | Path, subjects: list[str],
+                        covariates: list[str] | tuple[str, ...] = (),
+                        selection: str | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray | None, list[str], list[str]]:
+    """Which runs build the RISH site templates, and their covariate matrix.
+
+    Parameters
+    ----------
+    participants_tsv : the dataset's participants table.
+    subjects : subject label (without ``sub-``) of every candidate run.
+    covariates : participants.tsv columns the templates are adjusted for (numeric columns as
+        they are; a two-level column as 0/1, its first level in sorted order 0; more levels as
+        indicators of all but the first). Columns constant over the selected runs (e.g. ``dx``
+        when only controls are kept) are dropped with a note.
+    selection : ``"COLUMN=VALUE[,VALUE...]"``: only these subjects build the templates
+        (matched controls, e.g. ``"dx=0"``); None: all.
+
+    Returns
+    -------
+    keep (bool per run), covariate matrix of the kept runs (None without covariates), the
+    covariate column names, notes.
+    """
+    path = Path(participants_tsv)
+    parts = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if "participant_id" not in parts.columns:
+        raise HarmonizationError(f"{path}: no participant_id column")
+    ids = [p[4:] if p.startswith("sub-") else p for p in parts["participant_id"]]
+    table = parts.assign(_id=ids).set_index("_id")
+    missing = [s for s in subjects if s not in table.index]
+    if missing:
+        raise HarmonizationError(f"{path}: sub-{missing[0]} is not listed (needed for the RISH "
+                                 "templates)")
+    rows = table.loc[subjects]
+    notes: list[str] = []
+    keep = np.ones(len(subjects), bool)
+    sel = parse_subject_selection(selection)
+    if sel is not None:
+        column, values = sel
+        if column not in table.columns:
+            raise HarmonizationError(f"{path}: no column {column!r} (RISH template subjects "
+                                     f"{selection!r}); columns: {', '.join(parts.columns)}")
+        keep = rows[column].str.strip().isin(values).to_numpy()
+        if not keep.any():
+            raise HarmonizationError(f"{path}: no subject has {column} in {values} (RISH "
+                                     "template subjects)")
+        notes.append(f"rish: site templates from the {int(keep.sum())} runs with {column} in "
+                     f"{{{', '.join(values)}}} of {len(subjects)}")
+    cols, names = [], []
+    for cov in covariates:
+        if cov not in table.columns:
+            raise HarmonizationError(f"{path}: no column {cov!r} (RISH covariate); columns: "
+                                     f"{', '.join(parts.columns)}")
+        vals = rows[cov].str.strip()
+        bad = [s for s, v, k in zip(subjects, vals, keep, strict=True)
+               if k and v.lower() in _MISSING]
+        if bad:
+            raise HarmonizationError(f"{path}: sub-{bad[0]} has no {cov!r} (RISH covariate)")
+        kept = vals[keep]
+        num = pd.to_numeric(kept, errors="coerce")
+        if num.notna().all():
+            block, labels = num.to_numpy(float)[:, None], [cov]
+        else:
+            levels = sorted(kept.unique())
+            block = np.stack([(kept == lv).to_numpy(float) for lv in levels[1:]], axis=1) \
+                if len(levels) > 1 else np.zeros((len(kept), 0))
+            labels = [cov if len(levels) == 2 else f"{cov}[{lv}]" for lv in levels[1:]]
+        for j, label in enumerate(labels):
+            if np.ptp(block[:, j]) == 0:
+                notes.append(f"rish: covariate {label} is constant over the template runs; "
+                             "not adjusted for")
+                continue
+            cols.append(block[:, j])
+            names.append(label)
+        if not labels:
+            notes.append(f"rish: covariate {cov} is constant over the template runs; not "
+                         "adjusted for")
+    cov_matrix = np.stack(cols, axis=1) if cols else None
+    return keep, cov_matrix, names, notes
+
+
 def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: str | None = None,
+               covariates: list[str] | tuple[str, ...] = (), template_subjects: str | None = None,
                template_source: str = "phantom", template_dir: str | None = None,
                bmax: float = 1500.0, b_round: float = 50.0, fit_method: str = "wls",
                smoothing_fwhm: float = 4.0, sh_smooth: float = 0.0,
@@ -218,7 +361,14 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     folder); the CLI passes a staging writer. With ``roi_dir`` the harmonized maps are also
     projected onto the template skeleton with the runs' own transforms (TBSS search rule) and
     their ENIGMA ROI rows written there (``roi_files``), so that RISH enters the ROI-level
-    comparison with the other harmonizers. Returns ``{"model": RISHHarmonizer, "runs":
+    comparison with the other harmonizers.
+
+    The site templates come from the non-traveling runs (``template_subjects``, e.g.
+    ``"dx=0"``, keeps only those participants: matched controls, Mirzaalian et al. 2016), and
+    are adjusted for the participants.tsv ``covariates`` (age, sex, diagnosis ...: site means
+    at the pooled covariates, :meth:`RISHHarmonizer.fit`) so that sites whose participants
+    differ in age or diagnosis are compared at equal biology; ``()`` gives plain site means.
+    Returns ``{"model": RISHHarmonizer, "runs":
     DataFrame, "traveling": DataFrame, "roi_files": [...], "notes": [...]}``.
     """
     from tqdm import tqdm
@@ -234,7 +384,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     runs = collect_rish_runs(bids_dir, deriv_dir)
     template = load_template(template_source, template_dir)
     regs = {}
-    feats, sites = [], []
+    feats, sites, subjects = [], [], []
     notes: list[str] = []
     for run in tqdm(runs, desc="RISH features", disable=not progress):
         dwi, mask = _load(run)
@@ -247,8 +397,18 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
         if not run.traveling:
             feats.append(maps)
             sites.append(run.site)
+            subjects.append(run.subject)
+    keep, cov, cov_names, cov_notes = template_covariates(
+        Path(bids_dir) / "participants.tsv", subjects, list(covariates), template_subjects)
+    notes.extend(cov_notes)
+    feats = [f for f, k in zip(feats, keep, strict=True) if k]
+    sites = [s for s, k in zip(sites, keep, strict=True) if k]
     model = RISHHarmonizer(reference_site, smoothing_fwhm=smoothing_fwhm).fit(
-        feats, sites, template.mask, voxel_size=np.abs(np.diag(template.affine)[:3]))
+        feats, sites, template.mask, voxel_size=np.abs(np.diag(template.affine)[:3]),
+        covariates=cov, covariate_names=cov_names)
+    if cov_names:
+        notes.append(f"rish: site templates adjusted for {', '.join(cov_names)} (site means at "
+                     "the pooled covariates)")
     for site, bs in model.unmatched_.items():
         notes.append(f"rish: site {site} shell(s) b={', '.join(f'{b:g}' for b in bs)} have no "
                      f"reference shell ({model.reference_site_}: "

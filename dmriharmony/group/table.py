@@ -45,7 +45,10 @@ class GroupTable:
     train : DataFrame
         Non-traveling runs: identifiers, ``site``, covariates, features.
     traveling : DataFrame or None
-        Traveling subjects' runs (one per subject and site), same columns.
+        Traveling subjects' runs, same columns: one per subject and site, or, with same-site
+        rescans (``ses-ge``, ``ses-gerescan1``), one per subject, site and session. All are
+        harmonized; the between-site agreement uses the first session per subject and site in
+        sorted session order (:func:`dmriharmony.evaluation.traveling.traveling_agreement`).
     features : list of str
         ROI columns.
     covariates : list of str

@@ -7,7 +7,8 @@ is first put on one common shell — its SH fit of the b0-normalised signal eval
 ``bvalue`` (default 1000 s/mm^2; a matching shell is used as it is, another one is mapped with
 the mono-exponential rule of :func:`dmriharmony.sh.fit.map_to_bvalue`) at the highest SH order
 every run supports there. A voxel's input is its b0 and those coefficients, with its 6 face
-neighbours (Moyer et al.: 7 x (1 + n_coeffs) values).
+neighbours (Moyer et al.: 7 x (1 + n_coeffs) values); the b0 relative to the run's brain
+median, since its stored scale is the vendor's receiver gain.
 
 Training: seeded, on up to ``voxels_per_run`` brain voxels of every non-traveling run (the
 validation split holds out whole runs; early stopping keeps the best epoch). Conversion: every
@@ -49,10 +50,17 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
               template_source: str = "phantom", template_dir: str | None = None,
               bvalue: float = 1000.0, max_order: int = 8, voxels_per_run: int = 4000,
               config=None, seed: int = 0, device: str = "cpu", bmax: float = 1500.0,
-              b_round: float = 50.0, fit_method: str = "wls",
-              write: Callable[[Path, nib.Nifti1Image], None] | None = None,
+              b_round: float = 50.0, fit_method: str = "wls", conversion: str = "decode",
+              model=None, write: Callable[[Path, nib.Nifti1Image], None] | None = None,
               progress: bool = True, roi_dir: str | Path | None = None) -> dict:
     """Train the VAE on the study and harmonize every run (see the module docstring).
+
+    ``conversion``: ``"decode"`` (Moyer et al. 2020) writes the decoded signal
+    ``D(z, target)``; ``"residual"`` writes the measured signal plus the decoder's change of
+    site code, ``x + D(z, target) - D(z, source)``
+    (:meth:`~dmriharmony.harmonizers.vae.SiteInvariantVAE.transform`). ``model``: a fitted
+    :class:`~dmriharmony.harmonizers.vae.SiteInvariantVAE` (e.g. loaded from a checkpoint) to
+    convert with instead of training one; it must know the study's sites and representation.
 
     Returns ``{"model": SiteInvariantVAE, "runs": DataFrame, "traveling": DataFrame,
     "roi_files": [...], "latent": dict (balanced accuracy, chance), "notes": [...]}``.
@@ -71,6 +79,9 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(path))
 
+    if conversion not in ("decode", "residual"):
+        raise HarmonizationError(f"VAE conversion must be 'decode' or 'residual', got "
+                                 f"{conversion!r}")
     runs = collect_runs(bids_dir, deriv_dir)
     template = load_template(template_source, template_dir)
     rng = np.random.default_rng(seed)
@@ -79,11 +90,19 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
         dwi, mask = _load(run)
         fits.append(fit_shells(dwi.data, dwi.bvals, dwi.bvecs, mask, max_order=max_order))
     order = _common_order(fits, bvalue, max_order)
-    notes = [f"vae: common representation b={bvalue:g} at SH order {order}"]
+    notes = [f"vae: common representation b={bvalue:g} at SH order {order}; conversion "
+             f"{conversion}"]
     volumes = []
-    for fit in fits:
+    for run, fit in zip(runs, fits, strict=True):
         shell = map_to_bvalue(fit, bvalue, order=order)
-        volumes.append(np.concatenate([fit.b0[..., None], shell.coeffs], axis=-1))
+        # the b0's intensity scale is the receiver's, not the tissue's: each run's b0 enters
+        # relative to its brain median (the decoded b0 is not used: the output keeps the run's
+        # own b0 volumes), so that the stored scale of a vendor does not identify the site
+        b0 = fit.b0[fit.mask]
+        scale = float(np.median(b0[b0 > 0])) if np.any(b0 > 0) else 0.0
+        if not scale > 0:
+            raise HarmonizationError(f"{run.dwi}: the b0 is zero in the whole brain mask")
+        volumes.append(np.concatenate([fit.b0[..., None] / scale, shell.coeffs], axis=-1))
     n_per_voxel = volumes[0].shape[-1]
 
     X, sites, groups, X_hold, sites_hold = [], [], [], [], []
@@ -101,9 +120,18 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
         sites_hold += [run.site] * len(hold)
     if len(set(sites)) < 2:
         raise HarmonizationError("the VAE needs non-traveling runs from at least two sites")
-    cfg = config if config is not None else small_config(seed=seed)
-    model = SiteInvariantVAE(cfg, device=device, progress=progress)
-    model.fit(np.vstack(X).astype(np.float32), sites, groups=groups)
+    if model is None:
+        cfg = config if config is not None else small_config(seed=seed)
+        model = SiteInvariantVAE(cfg, device=device, progress=progress)
+        model.fit(np.vstack(X).astype(np.float32), sites, groups=groups)
+    else:
+        unseen = sorted(set(sites) - set(model.sites_))
+        if unseen or model.n_features_ != X[0].shape[1]:
+            raise HarmonizationError(
+                f"the given VAE model was trained on sites {model.sites_} with "
+                f"{model.n_features_} features per voxel; this study has sites "
+                f"{sorted(set(sites))} and {X[0].shape[1]} (b={bvalue:g}, SH order {order})")
+        notes.append("vae: converted with a given (pre-trained) model")
     latent = {}
     Xh = np.vstack(X_hold).astype(np.float32)
     if len(Xh) and len(set(sites_hold)) > 1:
@@ -120,7 +148,8 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
                               desc="VAE: convert", disable=not progress):
         dwi, mask = _load(run)
         samples = neighbourhood_features(vol, fit.mask, 6).astype(np.float32)
-        decoded = model.transform(samples, [run.site] * len(samples), target_site)
+        decoded = model.transform(samples, [run.site] * len(samples), target_site,
+                                  residual=conversion == "residual")
         centre = np.zeros(fit.mask.shape + (n_per_voxel,))
         centre[fit.mask] = decoded[:, :n_per_voxel]
         harmonized = SHFit.from_features(centre, fit.mask, [bvalue], [order])

@@ -99,7 +99,9 @@ class RISHHarmonizer:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, features: Sequence[Mapping[float, np.ndarray]], sites: Sequence[str],
-            mask: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)) -> RISHHarmonizer:
+            mask: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+            covariates: np.ndarray | None = None,
+            covariate_names: Sequence[str] | None = None) -> RISHHarmonizer:
         """Site templates from template-space RISH maps.
 
         Parameters
@@ -109,6 +111,19 @@ class RISHHarmonizer:
         sites : site of each scan.
         mask : template mask (voxels with a template and a scale).
         voxel_size : template voxel size (mm), for the smoothing.
+        covariates : (n_scans, k) numeric array, optional
+            Biological covariates of the scans (age, sex coded 0/1, diagnosis, ...). Without
+            them a site template is the plain mean of its scans' RISH maps (Mirzaalian et al.
+            2016, who require age- and sex-matched groups). With them, every voxel and order
+            gets the linear model ``E_il = a_site(i),l + x_i' b_l + e_il`` fitted by least
+            squares over all scans of the matched shell, with ``x`` centred on the pooled mean;
+            the site template is ``a_site,l``, the site's energy at the pooled covariates (a
+            covariate-adjusted, "least-squares" site mean). The scale map then compares sites
+            at equal age, sex and diagnosis, so that a site whose participants are older (or
+            more often patients) is not "corrected" for its biology -- the same protection
+            ComBat gives its covariates (Johnson et al. 2007; Fortin et al. 2017). Without
+            covariate imbalance both templates coincide.
+        covariate_names : names of the covariate columns (for messages and the saved model).
         """
         sites = [str(s) for s in sites]
         if len(sites) != len(features):
@@ -123,31 +138,55 @@ class RISHHarmonizer:
         if ref not in counts:
             raise HarmonizationError(f"reference site {ref!r} is not one of the sites "
                                      f"{', '.join(counts)}")
+        cov = None
+        if covariates is not None:
+            cov = np.asarray(covariates, dtype=float)
+            if cov.ndim == 1:
+                cov = cov[:, None]
+            if cov.shape[0] != len(sites):
+                raise HarmonizationError(f"{cov.shape[0]} covariate rows for {len(sites)} scans")
+            names = list(covariate_names) if covariate_names is not None else \
+                [f"covariate {k + 1}" for k in range(cov.shape[1])]
+            if len(names) != cov.shape[1]:
+                raise HarmonizationError(f"{len(names)} covariate names for {cov.shape[1]} "
+                                         "covariate columns")
+            bad = [names[k] for k in range(cov.shape[1]) if not np.all(np.isfinite(cov[:, k]))]
+            if bad:
+                raise HarmonizationError(f"covariate {bad[0]!r} has missing or non-numeric "
+                                         "values")
+            self.covariate_names_ = names
+        else:
+            self.covariate_names_ = []
         self.reference_site_ = ref
         ref_b = sorted({b for f, s in zip(features, sites, strict=True) if s == ref for b in f})
         self.reference_bvalues_ = ref_b
-        templates: dict[str, dict[float, np.ndarray]] = {}
         self.unmatched_: dict[str, list[float]] = {}
-        for site in counts:
-            sums: dict[float, list[np.ndarray]] = {}
-            for f, s in zip(features, sites, strict=True):
-                if s != site:
+        # scans per reference shell: (scan index, site, maps)
+        entries: dict[float, list[tuple[int, str, np.ndarray]]] = {}
+        for i, (f, site) in enumerate(zip(features, sites, strict=True)):
+            for b, maps in f.items():
+                if maps.shape[:3] != mask.shape:
+                    raise HarmonizationError(f"site {site!r}: RISH map grid {maps.shape[:3]} "
+                                             f"differs from the template mask {mask.shape}")
+                rb = self.match_bvalue(b)
+                if rb is None:
+                    self.unmatched_.setdefault(site, [])
+                    if b not in self.unmatched_[site]:
+                        self.unmatched_[site].append(b)
                     continue
-                for b, maps in f.items():
-                    if maps.shape[:3] != mask.shape:
-                        raise HarmonizationError(f"site {site!r}: RISH map grid {maps.shape[:3]}"
-                                                 f" differs from the template mask {mask.shape}")
-                    rb = self.match_bvalue(b)
-                    if rb is None:
-                        self.unmatched_.setdefault(site, [])
-                        if b not in self.unmatched_[site]:
-                            self.unmatched_[site].append(b)
-                        continue
-                    sums.setdefault(rb, []).append(maps)
-            templates[site] = {}
-            for rb, maps in sums.items():
-                n_orders = min(m.shape[-1] for m in maps)
-                templates[site][rb] = np.mean([m[..., :n_orders] for m in maps], axis=0)
+                entries.setdefault(rb, []).append((i, site, maps))
+        templates: dict[str, dict[float, np.ndarray]] = {s: {} for s in counts}
+        for rb, items in entries.items():
+            if cov is None:
+                for site in counts:
+                    maps = [m for _, s, m in items if s == site]
+                    if maps:
+                        n_orders = min(m.shape[-1] for m in maps)
+                        templates[site][rb] = np.mean([m[..., :n_orders] for m in maps], axis=0)
+            else:
+                for site, arr in _adjusted_templates(items, cov, self.covariate_names_, mask,
+                                                     rb).items():
+                    templates[site][rb] = arr
         self.templates_ = templates
         self.mask_ = mask
         self.sites_ = list(counts)
@@ -207,7 +246,8 @@ class RISHHarmonizer:
                 "reference_bvalues": self.reference_bvalues_, "voxel_size": self.voxel_size_,
                 "smoothing_fwhm": self.smoothing_fwhm, "clip": self.clip,
                 "bvalue_tol": self.bvalue_tol, "min_energy": self.min_energy,
-                "unmatched": {k: v for k, v in self.unmatched_.items()}}
+                "unmatched": {k: v for k, v in self.unmatched_.items()},
+                "covariates": list(getattr(self, "covariate_names_", []))}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         tmp = path.with_name(f".{path.name}.tmp.npz")
         np.savez_compressed(tmp, **arrays)
@@ -229,6 +269,7 @@ class RISHHarmonizer:
             self.reference_bvalues_ = [float(b) for b in meta["reference_bvalues"]]
             self.voxel_size_ = tuple(meta["voxel_size"])
             self.unmatched_ = {k: list(v) for k, v in meta["unmatched"].items()}
+            self.covariate_names_ = list(meta.get("covariates", []))
             self.mask_ = z["mask"].astype(bool)
             self.templates_ = {s: {} for s in self.sites_}
             self.scales_ = {s: {} for s in self.sites_}
@@ -239,6 +280,49 @@ class RISHHarmonizer:
                 target = self.templates_ if kind == "template" else self.scales_
                 target[site][float(b)] = z[key].astype(float)
         return self
+
+
+def _adjusted_templates(items: list[tuple[int, str, np.ndarray]], cov: np.ndarray,
+                        names: Sequence[str], mask: np.ndarray, bvalue: float,
+                        chunk: int = 200_000) -> dict[str, np.ndarray]:
+    """Covariate-adjusted site templates of one reference shell (see :meth:`RISHHarmonizer.fit`).
+
+    Order by order (a site contributes the orders all its scans have), least squares of the
+    scans' energies on site indicators and centred covariates, voxel chunk by voxel chunk.
+    """
+    site_orders: dict[str, int] = {}
+    for _, s, m in items:
+        site_orders[s] = min(site_orders.get(s, m.shape[-1]), m.shape[-1])
+    nvox = int(np.prod(mask.shape))
+    out = {s: np.zeros((nvox, n)) for s, n in site_orders.items()}
+    idx = np.flatnonzero(mask.ravel())
+    for k in range(max(site_orders.values())):
+        use = [(i, s, m) for i, s, m in items if site_orders[s] > k]
+        sites_k = sorted({s for _, s, _ in use})
+        rows = np.array([i for i, _, _ in use])
+        x = cov[rows] - cov[rows].mean(axis=0)
+        design = np.hstack([np.array([[s == t for t in sites_k] for _, s, _ in use], float), x])
+        rank = np.linalg.matrix_rank(design)
+        if rank < design.shape[1] or len(use) <= design.shape[1]:
+            # name the covariate that the site indicators (and the others) already explain
+            culprit = next((names[j] for j in range(x.shape[1])
+                            if np.linalg.matrix_rank(design[:, :len(sites_k) + j + 1])
+                            < len(sites_k) + j + 1), None)
+            what = (f"covariate {culprit!r} is constant within sites or confounded with site"
+                    if culprit is not None else
+                    f"{len(use)} scans for {design.shape[1]} parameters")
+            raise HarmonizationError(
+                f"RISH templates, shell b={bvalue:g}, order {2 * k}: the covariate-adjusted "
+                f"site means cannot be estimated ({what}); drop it from the RISH covariates "
+                "or give plain site means (no covariates)")
+        solve = np.linalg.pinv(design)[:len(sites_k)]  # site rows of (X'X)^-1 X'
+        for start in range(0, idx.size, chunk):
+            vox = idx[start:start + chunk]
+            y = np.stack([m.reshape(nvox, -1)[vox, k] for _, _, m in use])
+            a = solve @ y
+            for j, s in enumerate(sites_k):
+                out[s][vox, k] = a[j]
+    return {s: v.reshape(mask.shape + (v.shape[-1],)) for s, v in out.items()}
 
 
 def harmonize_dwi(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,

@@ -433,7 +433,7 @@ class SiteInvariantVAE:
         return np.concatenate(out, axis=0)
 
     def transform(self, X: np.ndarray, sites: Sequence | np.ndarray,
-                  target_site: str | None = None) -> np.ndarray:
+                  target_site: str | None = None, *, residual: bool = False) -> np.ndarray:
         """Harmonized features: encode, then decode with ``target_site``'s code.
 
         Parameters
@@ -445,15 +445,31 @@ class SiteInvariantVAE:
         target_site
             Site whose code is used for decoding; ``None`` uses the site-average code
             (each training site weighted 1 / n_sites).
+        residual
+            ``False`` (Moyer et al. 2020): the output is the decoded signal
+            ``D(z, target)``. ``True``: the measured signal plus the decoder's site
+            difference, ``x + D(z, target) - D(z, source)``; what the autoencoder cannot
+            reconstruct (noise, detail beyond a small latent code) is kept instead of being
+            smoothed away, and only the learned change of scanner is applied. Not in the
+            paper; it keeps each scan's own noise and anatomy, so maps stay as sharp as the
+            measured ones (documented deviation).
         """
         self._check_fitted()
         X = check_features(X, self.n_features_)
-        check_sites(sites, X.shape[0], self.sites_)
+        labels = check_sites(sites, X.shape[0], self.sites_)
         code = self._site_code(target_site, 1)
+        own = None
+        if residual:
+            idx = torch.from_numpy(site_index(labels, self.sites_)).to(self.device)
+            own = F.one_hot(idx, len(self.sites_)).float()
 
-        def run(x: torch.Tensor, _: int) -> torch.Tensor:
+        def run(x: torch.Tensor, start: int) -> torch.Tensor:
             mean, _lv = self.encoder(x)
-            return self.decoder(mean, code.expand(x.shape[0], -1)) * self.scale_ + self.mean_
+            target = self.decoder(mean, code.expand(x.shape[0], -1))
+            if own is None:
+                return target * self.scale_ + self.mean_
+            source = self.decoder(mean, own[start:start + x.shape[0]])
+            return x * self.scale_ + self.mean_ + (target - source) * self.scale_
 
         return self._run(X, run)
 

@@ -193,6 +193,13 @@ class _RISHInputSpec(BaseInterfaceInputSpec):
     template_dir = Directory(exists=True, desc="template folder (enigma/folder sources)")
 
 
+class _RISHStudyInputSpec(_RISHInputSpec):
+    covariates = traits.List(traits.Str, desc="participants.tsv columns the site templates "
+                             "are adjusted for (empty: plain site means)")
+    template_subjects = traits.Str(desc="COLUMN=VALUE[,VALUE]: only these participants build "
+                                   "the site templates (e.g. dx=0: controls)")
+
+
 class _RISHOutputSpec(TraitedSpec):
     roi_table = File(exists=True, desc="ROI table of the RISH-harmonized maps (TBSS)")
     maps_dir = Directory(exists=True, desc="harmonized maps, laid out like the derivatives")
@@ -207,7 +214,7 @@ class RISHStudy(SimpleInterface):
     """RISH harmonization of every run of the study (:func:`dmriharmony.group.rish.rish_study`)
     and the ROI table of its harmonized maps."""
 
-    input_spec = _RISHInputSpec
+    input_spec = _RISHStudyInputSpec
     output_spec = _RISHOutputSpec
     method = "rish"
 
@@ -216,6 +223,8 @@ class RISHStudy(SimpleInterface):
 
         return rish_study(self.inputs.bids_dir, deriv,
                           reference_site=_opt(self.inputs.reference_site) or None,
+                          covariates=list(_opt(self.inputs.covariates, [])),
+                          template_subjects=_opt(self.inputs.template_subjects) or None,
                           template_source=_opt(self.inputs.template_source, "phantom"),
                           template_dir=_opt(self.inputs.template_dir), write=write,
                           roi_dir=roi_dir, progress=False)
@@ -267,6 +276,9 @@ class _VAEInputSpec(_RISHInputSpec):
     mode = traits.Enum("site_adversary", "moyer", usedefault=True,
                        desc="moyer: MI bound + decoder adversary (Moyer et al. 2020); "
                             "site_adversary: plus a latent site classifier the encoder defeats")
+    conversion = traits.Enum("decode", "residual", usedefault=True,
+                             desc="decode: D(z, target) (Moyer et al.); residual: "
+                                  "x + D(z, target) - D(z, source)")
 
 
 class VAEStudy(RISHStudy):
@@ -286,4 +298,5 @@ class VAEStudy(RISHStudy):
                          template_dir=_opt(self.inputs.template_dir), seed=self.inputs.seed,
                          voxels_per_run=self.inputs.voxels_per_run, device=self.inputs.device,
                          config=small_config(seed=self.inputs.seed, mode=self.inputs.mode),
+                         conversion=self.inputs.conversion,
                          write=write, roi_dir=roi_dir, progress=False)

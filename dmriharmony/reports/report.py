@@ -306,8 +306,10 @@ def build_report(group_dir: str | Path, deriv_dir: str | Path, out_file: str | P
               and (t := _read(group_dir / f"evaluation_desc-{name}.tsv")) is not None]
     signal_level = None
     if signal:
-        cols = ["harmonizer", "subject", "n_sites", "pairwise_rmse_before", "pairwise_rmse_after",
-                "reduction", "roi_rmse_before", "roi_rmse_after", "roi_reduction"]
+        cols = ["harmonizer", "subject", "metric", "n_sites", "pairwise_rmse_before",
+                "pairwise_rmse_after", "reduction", "roi_rmse_before", "roi_rmse_after",
+                "roi_reduction", "within_rmse_before", "site_rmse_before", "site_rmse_after",
+                "site_reduction", "roi_site_reduction"]
         both = pd.concat(signal, ignore_index=True)
         signal_level = both[[c for c in cols if c in both.columns]]
     latent_file = group_dir / "vae_latent_site_accuracy.json"

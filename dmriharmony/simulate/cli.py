@@ -4,6 +4,10 @@ Example::
 
     dmriharmony-simulate phantom_bids --seed 0 --subjects-per-site 3 --traveling-subjects 1 \\
         --sites ge siemens philips --voxel-size 2.5
+
+``--rescans N`` also scans every traveling subject N more times at every site (sessions
+``ses-<site>rescan1`` ... ``ses-<site>rescanN``, own head pose and noise, site in
+``sub-<label>_sessions.tsv``): the same-site noise floor of traveling-subject evaluation.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--subjects-per-site", type=int, default=3, help="single-site subjects")
     ap.add_argument("--traveling-subjects", type=int, default=1,
                     help="subjects scanned at every site (one session per site)")
+    ap.add_argument("--rescans", type=int, default=0, metavar="N",
+                    help="same-site rescans of every traveling subject at every site (extra "
+                         "sessions ses-<site>rescan1..N: own head pose and noise)")
     ap.add_argument("--sites", nargs="+", default=list(DEFAULT_SITES),
                     help=f"site presets: {', '.join(sorted(PRESETS))}")
     ap.add_argument("--site-config", type=Path, default=None,
@@ -101,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                                traveling_subjects=args.traveling_subjects, sites=sites,
                                voxel_size=voxel, snr=args.snr, snr_scale=args.snr_scale,
                                effects=effects, native_groundtruth=args.native_groundtruth,
-                               overwrite=args.overwrite, progress=not args.quiet)
+                               rescans=args.rescans, overwrite=args.overwrite,
+                               progress=not args.quiet)
     except SimulationError as exc:
         print(f"dmriharmony-simulate: error: {exc}", file=sys.stderr)
         return 2

@@ -1,12 +1,15 @@
 """Build a multi-vendor BIDS dataset from the phantom, with its ground truth.
 
 Layout (every subject has sessions named after the site that scanned it; a traveling subject
-has one session per site, the way traveling-subject studies are shared)::
+has one session per site, the way traveling-subject studies are shared, plus, with
+``rescans=N``, N same-site rescans per site ``ses-<site>rescan<k>``, k = 1..N, whose
+``sessions.tsv`` row names the site)::
 
     OUT/dataset_description.json  README  participants.tsv/.json  sessions.json
     OUT/sub-<site>NN/sub-<site>NN_sessions.tsv
     OUT/sub-<site>NN/ses-<site>/dwi/sub-<site>NN_ses-<site>_dwi.{nii.gz,bval,bvec,json}
     OUT/sub-travNN/ses-<site>/dwi/...                      (one session per site)
+    OUT/sub-travNN/ses-<site>rescan<k>/dwi/...             (rescans=N: k = 1..N per site)
     OUT/derivatives/groundtruth/
         dataset_description.json  effects.tsv/.json  roi_groundtruth.tsv  subjects.tsv
         tpl-phantom/  (the template the space-phantom maps live on)
@@ -22,7 +25,11 @@ The transform of a scan maps scanner mm to template mm: ``y = A x``, ``T(x) = y 
 (:func:`dmriharmony.simulate.transforms.scanner_to_template`).
 
 Random streams are keyed by (seed, subject, purpose), so a subject is the same whichever other
-subjects or sites are simulated, and the same seed gives byte-identical files.
+subjects or sites are simulated, and the same seed gives byte-identical files. A rescan is the
+same subject (anatomy, warp, microstructure) with its own head pose and noise draw, keyed by
+(seed, subject, site, "rescan", k); the first session's keys do not depend on ``rescans``, so
+``rescans=0`` writes the same files as before rescans existed and adding rescans leaves the
+other sessions unchanged.
 """
 
 from __future__ import annotations
@@ -76,12 +83,26 @@ def rng_for(seed: int, *keys: object) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
+RESCAN_INFIX = "rescan"
+
+
 @dataclass
 class _Planned:
     subject: Subject
     sites: list[Site]
     anatomy: np.ndarray
     warp: Warp
+    #: extra same-site sessions per site (traveling subjects only)
+    rescans: int = 0
+
+    def sessions(self) -> list[tuple[Site, int]]:
+        """(site, k) of every session in order: k = 0 the first scan, k >= 1 rescan k."""
+        return [(site, k) for site in self.sites for k in range(self.rescans + 1)]
+
+
+def _session_label(site: Site, k: int) -> str:
+    """``ses-<site>`` for the first scan, ``ses-<site>rescan<k>`` for rescan ``k``."""
+    return f"ses-{site.name}" if k == 0 else f"ses-{site.name}{RESCAN_INFIX}{k}"
 
 
 def _resolve_sites(sites, voxel_size, snr, snr_scale) -> list[Site]:
@@ -111,7 +132,7 @@ def _resolve_sites(sites, voxel_size, snr, snr_scale) -> list[Site]:
 
 
 def _plan(seed: int, sites: list[Site], subjects_per_site, traveling: int,
-          effects: EffectModel) -> list[_Planned]:
+          effects: EffectModel, rescans: int = 0) -> list[_Planned]:
     plan = []
     for site in sites:
         n = subjects_per_site.get(site.name, 0) if isinstance(subjects_per_site, dict) \
@@ -138,7 +159,8 @@ def _plan(seed: int, sites: list[Site], subjects_per_site, traveling: int,
         sex = "M" if r.random() < 0.5 else "F"
         subj = draw_subject(label, None, r, age=age, sex=sex, dx=0, effects=effects)
         g = rng_for(seed, "anatomy", label)
-        plan.append(_Planned(subj, list(sites), random_anatomy_affine(g), random_warp(g)))
+        plan.append(_Planned(subj, list(sites), random_anatomy_affine(g), random_warp(g),
+                             rescans=rescans))
     if not plan:
         raise SimulationError("nothing to simulate: no subjects and no traveling subjects")
     return plan
@@ -149,7 +171,7 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
                      voxel_size: float | Sequence[float] | None = None,
                      snr: float | str | None = "site", snr_scale: float = 1.0,
                      effects: EffectModel | None = None, native_groundtruth: bool = False,
-                     overwrite: bool = False, progress: bool = True) -> Path:
+                     rescans: int = 0, overwrite: bool = False, progress: bool = True) -> Path:
     """Simulate a multi-vendor DWI dataset in BIDS with its ground truth.
 
     Parameters
@@ -177,6 +199,13 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
         True biological effects (:class:`EffectModel`; default values when None).
     native_groundtruth
         Also write each scan's b -> 0 FA/MD/AD/RD on its own acquisition grid.
+    rescans
+        Same-site rescans of every traveling subject at every site (default 0): extra BIDS
+        sessions ``ses-<site>rescan<k>``, k = 1..``rescans``, each with its own head pose and
+        noise draw (same anatomy and biology), ``site=<site>`` in ``sub-<label>_sessions.tsv``
+        and ground truth like any session. They give the noise floor of traveling-subject
+        evaluation (:func:`dmriharmony.evaluation.traveling_maps.scan_rescan_rmse`). Single-site
+        subjects are scanned once.
     overwrite
         Remove an existing ``out_dir`` first.
     progress
@@ -188,6 +217,7 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
         The dataset root.
     """
     out = Path(out_dir)
+    rescans = _check_rescans(rescans)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SimulationError(f"{out}: output folder exists and is not empty "
@@ -195,14 +225,18 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
         shutil.rmtree(out)
     effects = effects or EffectModel()
     site_list = _resolve_sites(sites, voxel_size, snr, snr_scale)
-    plan = _plan(int(seed), site_list, subjects_per_site, int(traveling_subjects), effects)
+    _check_session_labels(site_list, rescans)
+    plan = _plan(int(seed), site_list, subjects_per_site, int(traveling_subjects), effects,
+                 rescans)
+    if rescans and not any(p.rescans for p in plan):
+        log.warning("rescans=%d has no effect: there are no traveling subjects", rescans)
     phantom = build_phantom()
     tpl = template_arrays()
     labels = tpl["labels"]
     gt_root = out / "derivatives" / "groundtruth"
     aff_t = template_affine()
     roi_rows, subj_rows, part_rows = [], [], []
-    n_scans = sum(len(p.sites) for p in plan)
+    n_scans = sum(len(p.sessions()) for p in plan)
     bar = tqdm(total=n_scans, desc="simulate", unit="scan", disable=not progress)
     for item in plan:
         subj = item.subject
@@ -213,13 +247,15 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
         io.write_text(_matrix_text(item.anatomy),
                       gt_root / sub / "xfm" / f"{sub}_from-anat_to-phantom_desc-affine_xfm.txt")
         sessions = []
-        for site in item.sites:
-            ses = f"ses-{site.name}"
+        for site, k in item.sessions():
+            ses = _session_label(site, k)
             stem = f"{sub}_{ses}"
-            pose = random_head_pose(rng_for(seed, "pose", subj.label, site.name))
+            # k = 0 keeps the keys of the datasets simulated before rescans existed
+            extra = () if k == 0 else (RESCAN_INFIX, k)
+            pose = random_head_pose(rng_for(seed, "pose", subj.label, site.name, *extra))
             scan_affine = item.anatomy @ pose
             scan = render_scan(phantom, ms, site, scan_affine, item.warp,
-                               rng_for(seed, "noise", subj.label, site.name),
+                               rng_for(seed, "noise", subj.label, site.name, *extra),
                                native_truth=native_groundtruth)
             _write_dwi(out / sub / ses / "dwi", stem, scan, site)
             xdir = gt_root / sub / ses / "xfm"
@@ -272,6 +308,26 @@ def simulate_dataset(out_dir: str | Path, *, seed: int = 0, subjects_per_site: i
     return out
 
 
+def _check_rescans(rescans) -> int:
+    if isinstance(rescans, bool) or not isinstance(rescans, (int, np.integer)):
+        raise SimulationError(f"rescans must be a whole number >= 0, got {rescans!r}")
+    if rescans < 0:
+        raise SimulationError(f"rescans must be >= 0 (same-site rescans of each traveling "
+                              f"subject per site), got {rescans}")
+    return int(rescans)
+
+
+def _check_session_labels(sites: list[Site], rescans: int) -> None:
+    """A rescan session may not take the label of another site's session."""
+    names = {s.name for s in sites}
+    for site in sites:
+        for k in range(1, rescans + 1):
+            label = _session_label(site, k)[len("ses-"):]
+            if label in names:
+                raise SimulationError(f"site name {label!r} is also the label of rescan {k} of "
+                                      f"site {site.name!r}; rename the site")
+
+
 def _matrix_text(m: np.ndarray) -> str:
     return "\n".join(" ".join(f"{v:.10f}" for v in row) for row in np.asarray(m)) + "\n"
 
@@ -309,6 +365,15 @@ def _write_dwi(folder: Path, stem: str, scan, site: Site) -> None:
 
 def _write_top_level(out: Path, seed: int, sites: list[Site], effects: EffectModel,
                      plan: list[_Planned]) -> None:
+    """dataset_description, participants/sessions sidecars, README, .bidsignore.
+
+    Without rescans the texts are those of the datasets simulated before rescans existed
+    (byte-identical output); with rescans they say so.
+    """
+    rescans = max((p.rescans for p in plan), default=0)
+    generated = f"seed={seed}; sites={','.join(s.name for s in sites)}"
+    if rescans:
+        generated += f"; rescans={rescans}"
     io.write_json({
         "Name": "dmriharmony multi-vendor diffusion phantom",
         "BIDSVersion": BIDS_VERSION,
@@ -316,21 +381,25 @@ def _write_top_level(out: Path, seed: int, sites: list[Site], effects: EffectMod
         "License": "CC0",
         "Authors": ["dmriharmony-simulate"],
         "GeneratedBy": [{"Name": "dmriharmony-simulate", "Version": VERSION,
-                         "Description": f"seed={seed}; sites="
-                                        f"{','.join(s.name for s in sites)}"}],
+                         "Description": generated}],
     }, out / "dataset_description.json")
+    trav_sessions = "whose sessions are one per site" if not rescans else \
+        f"whose sessions are one per site plus {rescans} same-site rescan(s) per site"
     io.write_json({
         "participant_id": {"Description": "Subject label"},
         "site": {"Description": "Scanner site of the subject ('n/a' for traveling subjects, "
-                                "whose sessions are one per site; see sub-*_sessions.tsv)"},
+                                f"{trav_sessions}; see sub-*_sessions.tsv)"},
         "age": {"Description": "Age at scan", "Units": "year"},
         "sex": {"Description": "Sex", "Levels": {"M": "male", "F": "female"}},
         "dx": {"Description": "Diagnosis", "Levels": {"0": "control", "1": "patient"}},
         "traveling": {"Description": "Scanned at every site",
                       "Levels": {"yes": "traveling subject", "no": "single site"}},
     }, out / "participants.json")
+    ses_desc = "Session label (named after the site)" if not rescans else \
+        "Session label (named after the site; ses-<site>rescan<k>: rescan k of a traveling " \
+        "subject at that site)"
     io.write_json({
-        "session_id": {"Description": "Session label (named after the site)"},
+        "session_id": {"Description": ses_desc},
         "site": {"Description": "Scanner site of the session"},
         "age": {"Description": "Age at the session", "Units": "year"},
     }, out / "sessions.json")
@@ -345,6 +414,11 @@ def _write_top_level(out: Path, seed: int, sites: list[Site], effects: EffectMod
         "acquisition (b-values, TE/TR and field strength, voxel size, SNR, vendor scaling and "
         "export conventions), not from offsets added to FA.",
         "",
+        *([f"Every traveling subject was also rescanned {rescans} time(s) at every site "
+           f"(session{'s' if rescans > 1 else ''} ses-<site>{RESCAN_INFIX}1"
+           f"{f' ... ses-<site>{RESCAN_INFIX}{rescans}' if rescans > 1 else ''}: same brain, "
+           "new head pose and noise; the site is in sub-*_sessions.tsv), the scan-rescan noise "
+           "floor of traveling-subject evaluation.", ""] if rescans else []),
         "| site | vendor | model | field (T) | shells | directions | b0 | TE (ms) | voxel (mm) "
         "| SNR |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -50,6 +50,7 @@ def init_group_wf(
     report: bool = True,
     options: dict | None = None,
     vae_options: dict | None = None,
+    rish_options: dict | None = None,
     name: str = "group_wf",
 ) -> pe.Workflow:
     """ROI-table group level: join the runs, harmonize side by side, evaluate, report.
@@ -67,6 +68,8 @@ def init_group_wf(
     options : shown in the report's options table.
     vae_options : :class:`~dmriharmony.interfaces.group.VAEStudy` inputs (``target_site``,
         ``mode``, ``device``, ``voxels_per_run``).
+    rish_options : :class:`~dmriharmony.interfaces.group.RISHStudy` inputs (``covariates``:
+        the template adjustment, default ``covariates`` plus ``effect``; ``template_subjects``).
     name : workflow name.
 
     Inputs (``inputnode``)
@@ -115,7 +118,9 @@ def init_group_wf(
     if "rish" in names:
         from dmriharmony.interfaces.group import RISHStudy
 
-        rish = pe.Node(RISHStudy(), name="rish")
+        rish_inputs = {"covariates": [*covariates, effect], **(rish_options or {})}
+        rish = pe.Node(RISHStudy(**{k: v for k, v in rish_inputs.items() if v is not None}),
+                       name="rish")
         if ref_site is not None:
             rish.inputs.reference_site = str(ref_site)
         wf.connect([

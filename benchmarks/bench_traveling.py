@@ -1,0 +1,263 @@
+"""Traveling-subject evaluation of the signal-level harmonizers (issue 6): RISH and the VAE.
+
+One simulated study (``dmriharmony-simulate``: GE b=1000, Siemens b=1000+2000, Philips b=800,
+each at its own SNR) with several traveling subjects, each scanned at every site and rescanned
+once at every site. After the participant level (DTI, registration, TBSS), every variant is run
+through the Python API on the same derivatives and scored on:
+
+- the traveling subjects' FA and MD in template white matter (FA >= 0.2), voxelwise and as ROI
+  means: between-site RMSE, the scan-rescan RMSE of the same site (noise, head pose,
+  registration: what no site mapping can remove) and the site-attributable RMSE
+  ``sqrt(between^2 - rescan^2)`` (:func:`dmriharmony.evaluation.traveling_maps.
+  scan_rescan_rmse`), before and after;
+- the diagnosis effect on FA in the phantom's dx ROIs (pooled OLS on the TBSS ROI table of the
+  single-site subjects: FA ~ dx + age + sex [+ site before harmonization]) before and after,
+  against the simulator's truth;
+- the VAE latent code's site predictability (cross-validated balanced accuracy).
+
+Usage (times on 2 cores: simulation ~1 min, participant level ~25 min, each variant 2-6 min)::
+
+    python benchmarks/bench_traveling.py --workdir /tmp/bench_traveling \\
+        --subjects-per-site 15 --traveling 2 --rescans 1 --seed 5
+
+Writes ``benchmarks/results/traveling.md`` (``--out``) and ``<workdir>/traveling_scores.tsv``.
+Steps already done in ``--workdir`` (dataset, participant level) are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+VARIANTS = {
+    "rish-plain": dict(kind="rish", covariates=()),
+    "rish-adjusted": dict(kind="rish", covariates=("age", "sex", "dx")),
+    "rish-controls": dict(kind="rish", covariates=("age", "sex"), template_subjects="dx=0"),
+    "vae-decode": dict(kind="vae", conversion="decode"),
+    "vae-residual": dict(kind="vae", conversion="residual"),
+}
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
+
+
+def prepare(work: Path, args) -> dict:
+    """Simulate and run the participant level (reused when present)."""
+    ds, out = work / "ds", work / "out"
+    times = {}
+    if not (ds / "participants.tsv").is_file():
+        times["simulate"] = _run([str(BIN / "dmriharmony-simulate"), str(ds), "--seed",
+                                  str(args.seed), "--subjects-per-site",
+                                  str(args.subjects_per_site), "--traveling-subjects",
+                                  str(args.traveling), "--rescans", str(args.rescans),
+                                  "--quiet"], work / "simulate.log")
+    deriv = out / "dmriharmony"
+    if not list(deriv.glob("sub-*/**/*_desc-skeleton_roi.tsv")):
+        times["participant"] = _run([str(BIN / "dmriharmony"), str(ds), str(out),
+                                     "participant", "-w", str(work / "work"), "--template",
+                                     "phantom", "--nprocs", str(args.nprocs)],
+                                    work / "participant.log")
+    return {"ds": ds, "deriv": deriv, "times": times}
+
+
+def _roi_table(roi_files, ds: Path, deriv: Path) -> pd.DataFrame:
+    from dmriharmony.tbss.roi import build_roi_table
+
+    t = build_roi_table([str(f) for f in roi_files], ds / "participants.tsv",
+                        deriv / "site_table.tsv")
+    return t[t["metric"].astype(str).str.lower() == "fa"]
+
+
+def dx_effects(table: pd.DataFrame, ds: Path, harmonized: bool) -> pd.Series:
+    """dx beta on FA per dx ROI (single-site subjects; site as fixed effect when raw)."""
+    from dmriharmony.evaluation.effects import effect_estimates
+
+    eff = json.loads((ds / "derivatives/groundtruth/effects.json").read_text())
+    rois = list(eff["EffectModel"]["dx_rois"])
+    t = table[table["traveling"].astype(str).str.lower() != "yes"].copy()
+    t["sex"] = t["sex"].astype(str)
+    est = effect_estimates(t, rois, "dx", ("age", "sex"), site=None if harmonized else "site")
+    return est["dx_beta"]
+
+
+def true_dx(ds: Path) -> pd.Series:
+    eff = pd.read_csv(ds / "derivatives/groundtruth/effects.tsv", sep="\t")
+    rois = json.loads((ds / "derivatives/groundtruth/effects.json").read_text())[
+        "EffectModel"]["dx_rois"]
+    t = eff[(eff["term"] == "dx") & (eff["site"] == "tissue") & (eff["metric"] == "fa")]
+    return t.set_index("roi").loc[rois, "value"]
+
+
+def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: int,
+                vae_models: dict) -> dict:
+    import torch
+
+    from dmriharmony.group.rish import rish_study
+    from dmriharmony.group.vae import vae_study
+    from dmriharmony.harmonizers._vae_config import small_config
+
+    vdir = work / "variants" / name
+
+    def write(path: Path, img) -> None:
+        dst = vdir / "maps" / Path(path).relative_to(deriv)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, str(dst))
+
+    t0 = time.perf_counter()
+    if spec["kind"] == "rish":
+        res = rish_study(ds, deriv, covariates=list(spec["covariates"]),
+                         template_subjects=spec.get("template_subjects"), write=write,
+                         progress=False, roi_dir=vdir / "tbss")
+    else:
+        torch.manual_seed(seed)
+        res = vae_study(ds, deriv, seed=seed, config=small_config(seed=seed,
+                                                                  mode="site_adversary"),
+                        conversion=spec["conversion"], model=vae_models.get("model"),
+                        write=write, progress=False, roi_dir=vdir / "tbss")
+        vae_models.setdefault("model", res["model"])
+        vae_models.setdefault("latent", res["latent"])
+    wall = time.perf_counter() - t0
+    res["wall_s"] = wall
+    res["roi_table"] = _roi_table(res["roi_files"], ds, deriv)
+    return res
+
+
+def _fmt(v: float, pct: bool = False) -> str:
+    if v is None or not np.isfinite(v):
+        return "n/a"
+    return f"{100 * v:.1f} %" if pct else f"{v:.4f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--subjects-per-site", type=int, default=15)
+    ap.add_argument("--traveling", type=int, default=2)
+    ap.add_argument("--rescans", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "traveling.md")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    prep = prepare(work, args)
+    ds, deriv = prep["ds"], prep["deriv"]
+    raw_rows = sorted(deriv.glob("sub-*/**/sub-*_desc-skeleton_roi.tsv"))
+    raw = _roi_table(raw_rows, ds, deriv)
+    truth = true_dx(ds)
+    before_dx = dx_effects(raw, ds, harmonized=False)
+    rows, dx_rows, walls, latent = [], [], {}, {}
+    vae_models: dict = {}
+    for name in [v for v in args.variants.split(",") if v]:
+        res = run_variant(name, VARIANTS[name], ds, deriv, work, args.seed, vae_models)
+        walls[name] = res["wall_s"]
+        trav = res["traveling"].assign(variant=name)
+        rows.append(trav)
+        after_dx = dx_effects(res["roi_table"], ds, harmonized=True)
+        dx_rows.append(pd.DataFrame({"variant": name, "roi": truth.index,
+                                     "truth": truth.to_numpy(),
+                                     "before": before_dx.loc[truth.index].to_numpy(),
+                                     "after": after_dx.loc[truth.index].to_numpy()}))
+        if res.get("latent"):
+            latent = res["latent"]
+        print(f"{name}: {res['wall_s']:.0f} s", flush=True)
+    scores = pd.concat(rows, ignore_index=True)
+    scores.to_csv(work / "traveling_scores.tsv", sep="\t", index=False)
+    dx = pd.concat(dx_rows, ignore_index=True)
+    dx.to_csv(work / "traveling_dx.tsv", sep="\t", index=False)
+    write_markdown(args, scores, dx, walls, latent, prep["times"], ds)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def write_markdown(args, scores, dx, walls, latent, times, ds) -> None:
+    import torch
+
+    n_runs = len(list((ds).glob("sub-*/ses-*/dwi/*_dwi.nii.gz")))
+    lines = [
+        "# Traveling-subject evaluation of RISH and the VAE (issue 6)", "",
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__}; measured "
+        f"{time.strftime('%Y-%m-%d')}.", "",
+        "Command:", "", "```",
+        f"python benchmarks/bench_traveling.py --workdir WORK --subjects-per-site "
+        f"{args.subjects_per_site} --traveling {args.traveling} --rescans {args.rescans} "
+        f"--seed {args.seed}", "```", "",
+        f"Study: {args.subjects_per_site} single-site subjects per site (GE, Siemens, Philips "
+        f"presets, each at its own SNR), {args.traveling} traveling subjects scanned at every "
+        f"site and rescanned {args.rescans}x at every site ({n_runs} DWI runs). "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + ".", "",
+        "Traveling subjects in template white matter (FA >= 0.2). *between*: RMSE between "
+        "sessions at different sites; *rescan*: between sessions at the same site (noise, "
+        "head pose, registration); *site*: the site-attributable RMSE sqrt(between^2 - "
+        "rescan^2); *reduction*: 1 - after/before of the site-attributable RMSE. Voxelwise and "
+        "on the means of the phantom's ROIs (within WM). Mean over traveling subjects.", "",
+        "| variant | map | level | between before | after | rescan before | after | "
+        "site before | site after | site reduction | between reduction |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, metric), g in scores.groupby(["variant", "metric"], sort=False):
+        for level, p in (("voxel", ""), ("ROI", "roi_")):
+            col = f"{p}site_rmse_before"
+            if col not in g:
+                continue
+            m = g.mean(numeric_only=True)
+            bb, ba = m[f"{p}between_rmse_before"], m[f"{p}between_rmse_after"]
+            sb, sa = m[f"{p}site_rmse_before"], m[f"{p}site_rmse_after"]
+            scale = 1e3 if metric == "md" else 1.0
+            lines.append(
+                f"| {variant} | {metric}{' (x1e-3)' if metric == 'md' else ''} | {level} | "
+                f"{_fmt(bb * scale)} | {_fmt(ba * scale)} | "
+                f"{_fmt(m[f'{p}within_rmse_before'] * scale)} | "
+                f"{_fmt(m[f'{p}within_rmse_after'] * scale)} | {_fmt(sb * scale)} | "
+                f"{_fmt(sa * scale)} | {_fmt(1 - sa / sb, True)} | "
+                f"{_fmt(1 - ba / bb, True)} |")
+    lines += ["", "Diagnosis effect on FA (beta of dx, patients - controls) in the dx ROIs, "
+              "pooled OLS on the single-site subjects' TBSS ROI values (before: with site as "
+              "a fixed effect); *truth*: the simulator's tissue-level effect on the ROI mean "
+              "(the skeleton's maximum-FA projection need not equal it); *moved*: "
+              "|after - before| / |before| of the mean over the dx ROIs.", "",
+              "| variant | " + " | ".join(dx["roi"].unique()) + " | mean | moved |",
+              "|---|" + "---|" * (dx["roi"].nunique() + 2)]
+    first = True
+    for variant, g in dx.groupby("variant", sort=False):
+        if first:
+            lines.append("| truth | " + " | ".join(f"{v:.4f}" for v in g["truth"]) +
+                         f" | {g['truth'].mean():.4f} | |")
+            lines.append("| none (site fixed effect) | " + " | ".join(
+                f"{v:.4f}" for v in g["before"]) + f" | {g['before'].mean():.4f} | |")
+            first = False
+        moved = abs(g["after"].mean() - g["before"].mean()) / abs(g["before"].mean())
+        lines.append(f"| {variant} | " + " | ".join(f"{v:.4f}" for v in g["after"]) +
+                     f" | {g['after'].mean():.4f} | {100 * moved:.1f} % |")
+    if latent:
+        lines += ["", f"VAE latent code z -> site balanced accuracy on held-out voxels: "
+                  f"{latent['balanced_accuracy']:.3f} (chance {latent['chance']:.3f})."]
+    lines += ["", "Wall time per variant (SH fits, harmonization, DTI refit, TBSS projection; "
+              "the VAE variants share one trained model): " +
+              ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) + ".", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
