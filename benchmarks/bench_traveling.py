@@ -46,6 +46,8 @@ VARIANTS = {
     "rish-plain": dict(kind="rish", covariates=()),
     "rish-adjusted": dict(kind="rish", covariates=("age", "sex", "dx")),
     "rish-controls": dict(kind="rish", covariates=("age", "sex"), template_subjects="dx=0"),
+    "rish-plain-8mm": dict(kind="rish", covariates=(), smoothing_fwhm=8.0),
+    "rish-adjusted-8mm": dict(kind="rish", covariates=("age", "sex", "dx"), smoothing_fwhm=8.0),
     "vae-decode": dict(kind="vae", conversion="decode"),
     "vae-residual": dict(kind="vae", conversion="residual"),
 }
@@ -123,7 +125,8 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
     t0 = time.perf_counter()
     if spec["kind"] == "rish":
         res = rish_study(ds, deriv, covariates=list(spec["covariates"]),
-                         template_subjects=spec.get("template_subjects"), write=write,
+                         template_subjects=spec.get("template_subjects"),
+                         smoothing_fwhm=spec.get("smoothing_fwhm", 4.0), write=write,
                          progress=False, roi_dir=vdir / "tbss")
     else:
         torch.manual_seed(seed)
@@ -153,9 +156,20 @@ def main(argv=None) -> int:
     ap.add_argument("--rescans", type=int, default=1)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--nprocs", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "8mm" not in v),
+                    help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "traveling.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the table from <workdir>/traveling_*.tsv of an earlier run")
     args = ap.parse_args(argv)
+    if args.report_only:
+        work = args.workdir.resolve()
+        meta = json.loads((work / "traveling_meta.json").read_text())
+        write_markdown(args, pd.read_csv(work / "traveling_scores.tsv", sep="\t"),
+                       pd.read_csv(work / "traveling_dx.tsv", sep="\t"), meta["walls"],
+                       meta["latent"], meta["times"], work / "ds")
+        print(f"wrote {args.out}")
+        return 0
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -184,6 +198,8 @@ def main(argv=None) -> int:
     scores.to_csv(work / "traveling_scores.tsv", sep="\t", index=False)
     dx = pd.concat(dx_rows, ignore_index=True)
     dx.to_csv(work / "traveling_dx.tsv", sep="\t", index=False)
+    (work / "traveling_meta.json").write_text(json.dumps(
+        {"walls": walls, "latent": latent, "times": prep["times"]}, indent=1))
     write_markdown(args, scores, dx, walls, latent, prep["times"], ds)
     print(f"wrote {args.out}")
     return 0
@@ -231,24 +247,34 @@ def write_markdown(args, scores, dx, walls, latent, times, ds) -> None:
                 f"{_fmt(m[f'{p}within_rmse_after'] * scale)} | {_fmt(sb * scale)} | "
                 f"{_fmt(sa * scale)} | {_fmt(1 - sa / sb, True)} | "
                 f"{_fmt(1 - ba / bb, True)} |")
+    rois = list(dx["roi"].unique())
     lines += ["", "Diagnosis effect on FA (beta of dx, patients - controls) in the dx ROIs, "
               "pooled OLS on the single-site subjects' TBSS ROI values (before: with site as "
               "a fixed effect); *truth*: the simulator's tissue-level effect on the ROI mean "
-              "(the skeleton's maximum-FA projection need not equal it); *moved*: "
-              "|after - before| / |before| of the mean over the dx ROIs.", "",
-              "| variant | " + " | ".join(dx["roi"].unique()) + " | mean | moved |",
-              "|---|" + "---|" * (dx["roi"].nunique() + 2)]
+              "(the skeleton's maximum-FA projection need not equal it). *moved*: "
+              "|after - before| of the mean over the dx ROIs, relative to |before| and to "
+              "|truth|; *CGC moved*: the same over CGC-L/R, the only dx ROIs where the "
+              "unharmonized TBSS values show the effect (UNC and SLF: see the note below).", "",
+              "| variant | " + " | ".join(rois) + " | mean | moved (vs before) | "
+              "moved (vs truth) | CGC moved (vs before) |",
+              "|---|" + "---|" * (len(rois) + 4)]
     first = True
+    cgc = [r for r in rois if r.startswith("CGC")]
     for variant, g in dx.groupby("variant", sort=False):
+        g = g.set_index("roi").loc[rois]
         if first:
             lines.append("| truth | " + " | ".join(f"{v:.4f}" for v in g["truth"]) +
-                         f" | {g['truth'].mean():.4f} | |")
+                         f" | {g['truth'].mean():.4f} | | | |")
             lines.append("| none (site fixed effect) | " + " | ".join(
-                f"{v:.4f}" for v in g["before"]) + f" | {g['before'].mean():.4f} | |")
+                f"{v:.4f}" for v in g["before"]) + f" | {g['before'].mean():.4f} | | | |")
             first = False
-        moved = abs(g["after"].mean() - g["before"].mean()) / abs(g["before"].mean())
+        shift = abs(g["after"].mean() - g["before"].mean())
+        c_shift = abs(g.loc[cgc, "after"].mean() - g.loc[cgc, "before"].mean())
         lines.append(f"| {variant} | " + " | ".join(f"{v:.4f}" for v in g["after"]) +
-                     f" | {g['after'].mean():.4f} | {100 * moved:.1f} % |")
+                     f" | {g['after'].mean():.4f} | "
+                     f"{100 * shift / abs(g['before'].mean()):.1f} % | "
+                     f"{100 * shift / abs(g['truth'].mean()):.1f} % | "
+                     f"{100 * c_shift / abs(g.loc[cgc, 'before'].mean()):.1f} % |")
     if latent:
         lines += ["", f"VAE latent code z -> site balanced accuracy on held-out voxels: "
                   f"{latent['balanced_accuracy']:.3f} (chance {latent['chance']:.3f})."]

@@ -64,10 +64,11 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                    help="seed of the evaluation's cross-validation folds (default 0)")
     g.add_argument("--no-report", action="store_true", help="do not write report.html")
     r = p.add_argument_group("RISH (--harmonizers rish; Mirzaalian et al. 2016)")
-    r.add_argument("--rish-covariates", default=None,
+    r.add_argument("--rish-covariates", default="none",
                    help="participants.tsv columns the RISH site templates are adjusted for "
-                        "(site means at the pooled covariates); default: --covariates and "
-                        "--effect; 'none': plain site means (for matched groups)")
+                        "(site means at the pooled covariates); 'group': --covariates and "
+                        "--effect; default 'none': plain site means, as published (for "
+                        "matched groups)")
     r.add_argument("--rish-template-subjects", default=None, metavar="COLUMN=VALUE[,VALUE]",
                    help="only these participants build the RISH site templates, e.g. dx=0 "
                         "(matched controls); default: every non-traveling participant")
@@ -94,11 +95,13 @@ def _split(text: str | None) -> list[str]:
 
 
 def _rish_covariates(args: argparse.Namespace) -> list[str]:
-    """``--rish-covariates``: default the protected covariates and the effect; 'none': none."""
-    if args.rish_covariates is None:
-        return [c for c in _split(args.covariates) if c != args.effect] + [args.effect]
-    if args.rish_covariates.strip().lower() in ("none", ""):
+    """``--rish-covariates``: 'none' (default) none; 'group': the protected covariates and
+    the effect; else the columns given."""
+    text = (args.rish_covariates or "none").strip().lower()
+    if text in ("none", ""):
         return []
+    if text == "group":
+        return [c for c in _split(args.covariates) if c != args.effect] + [args.effect]
     return _split(args.rish_covariates)
 
 

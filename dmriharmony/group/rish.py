@@ -367,7 +367,8 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     ``"dx=0"``, keeps only those participants: matched controls, Mirzaalian et al. 2016), and
     are adjusted for the participants.tsv ``covariates`` (age, sex, diagnosis ...: site means
     at the pooled covariates, :meth:`RISHHarmonizer.fit`) so that sites whose participants
-    differ in age or diagnosis are compared at equal biology; ``()`` gives plain site means.
+    differ in age or diagnosis are compared at equal biology; ``()`` (default) gives plain
+    site means, as published.
     Returns ``{"model": RISHHarmonizer, "runs":
     DataFrame, "traveling": DataFrame, "roi_files": [...], "notes": [...]}``.
     """

@@ -69,7 +69,7 @@ def init_group_wf(
     vae_options : :class:`~dmriharmony.interfaces.group.VAEStudy` inputs (``target_site``,
         ``mode``, ``device``, ``voxels_per_run``).
     rish_options : :class:`~dmriharmony.interfaces.group.RISHStudy` inputs (``covariates``:
-        the template adjustment, default ``covariates`` plus ``effect``; ``template_subjects``).
+        the columns the site templates are adjusted for, default none; ``template_subjects``).
     name : workflow name.
 
     Inputs (``inputnode``)
@@ -118,7 +118,7 @@ def init_group_wf(
     if "rish" in names:
         from dmriharmony.interfaces.group import RISHStudy
 
-        rish_inputs = {"covariates": [*covariates, effect], **(rish_options or {})}
+        rish_inputs = dict(rish_options or {})
         rish = pe.Node(RISHStudy(**{k: v for k, v in rish_inputs.items() if v is not None}),
                        name="rish")
         if ref_site is not None:
