@@ -252,7 +252,7 @@ class HarmonizedOutputs:
         return pd.DataFrame(rows)
 
 
-_MISSING = {"", "n/a", "na", "nan", "none"}
+from dmriharmony.bids.sites import _MISSING  # noqa: E402  (the missing-value spellings of BIDS tables)
 
 
 def parse_subject_selection(spec: str | None) -> tuple[str, list[str]] | None:
