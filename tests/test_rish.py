@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from dmriharmony.errors import HarmonizationError
-from dmriharmony.harmonizers.rish import RISHHarmonizer, harmonize_dwi, rish_maps
+from dmriharmony.harmonizers.rish import (
+    RISHHarmonizer,
+    harmonize_dwi,
+    rish_maps,
+    signal_classes,
+)
 from dmriharmony.sh.fit import fit_shells
 
 SHAPE = (6, 5, 4)
@@ -231,3 +236,52 @@ def test_template_covariates_codes_columns_and_selects_controls(tmp_path):
         template_covariates(path, [*subs, "zz"], ["age"])
     with pytest.raises(HarmonizationError, match="no subject has dx in"):
         template_covariates(path, subs, [], "dx=2")
+
+
+def _two_compartment_features():
+    """Tissue in x < 6 and free water in x >= 6, with a different site gain in each."""
+    shape = (12, 6, 6)
+    mask = np.ones(shape, bool)
+    water = np.zeros(shape, bool)
+    water[6:] = True
+    e_ref = np.where(water, 0.01, 1.0)[..., None] * np.ones(shape + (2,))
+    gain = np.where(water, 2.56, 1.44)[..., None]  # scale 1/1.6 in water, 1/1.2 in tissue
+    return mask, water, [{1000.0: e_ref}, {1000.0: e_ref * gain}]
+
+
+def test_signal_classes_split_free_water_from_tissue():
+    mask, water, feats = _two_compartment_features()
+    classes = signal_classes(feats[0][1000.0][..., 0], mask)
+    assert np.all(classes[water] == 2) and np.all(classes[~water] == 1)
+    assert not signal_classes(np.ones((2, 2, 2)), np.zeros((2, 2, 2), bool)).any()
+
+
+def test_tissue_aware_smoothing_keeps_free_water_scales_out_of_tissue(tmp_path):
+    mask, water, feats = _two_compartment_features()
+    kw = dict(smoothing_fwhm=6.0, clip=(0.1, 10))
+    aware = RISHHarmonizer("ref", **kw).fit(feats, ["ref", "tgt"], mask)
+    mixed = RISHHarmonizer("ref", tissue_aware=False, **kw).fit(feats, ["ref", "tgt"], mask)
+    s_aware = aware.scale_maps("tgt")[1000.0]
+    s_mixed = mixed.scale_maps("tgt")[1000.0]
+    np.testing.assert_allclose(s_aware[~water], 1 / 1.2, rtol=1e-9)
+    np.testing.assert_allclose(s_aware[water], 1 / 1.6, rtol=1e-9)
+    # one smoothing over the mask pulls the tissue next to the water towards 1/1.6
+    assert s_mixed[5].max() < 1 / 1.2 - 0.02
+    assert RISHHarmonizer.load(aware.save(tmp_path / "rish.npz")).tissue_aware is True
+
+
+def test_cli_rish_smoothing_option_reaches_the_interface_and_the_sidecars():
+    from dmriharmony.cli.group import group_options
+    from dmriharmony.cli.run import _UsageError, build_parser
+    from dmriharmony.interfaces.group import RISHStudy
+
+    parser = build_parser()
+    args = parser.parse_args(["bids", "out", "group", "--harmonizers", "rish"])
+    assert group_options(args)["RISH"]["Smoothing"] == "tissue"
+    args = parser.parse_args(["bids", "out", "group", "--harmonizers", "rish",
+                              "--rish-smoothing", "mask"])
+    assert group_options(args)["RISH"]["Smoothing"] == "mask"
+    assert RISHStudy(smoothing="mask").inputs.smoothing == "mask"
+    assert RISHStudy().inputs.smoothing == "tissue"
+    with pytest.raises(_UsageError, match="invalid choice: 'gaussian'"):
+        parser.parse_args(["bids", "out", "group", "--rish-smoothing", "gaussian"])

@@ -72,6 +72,10 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--rish-template-subjects", default=None, metavar="COLUMN=VALUE[,VALUE]",
                    help="only these participants build the RISH site templates, e.g. dx=0 "
                         "(matched controls); default: every non-traveling participant")
+    r.add_argument("--rish-smoothing", choices=["tissue", "mask"], default="tissue",
+                   help="smooth the 4 mm scale maps within tissue and free-water-like voxels "
+                        "separately (default 'tissue', so CSF scales do not leak into white "
+                        "matter) or over the whole brain mask ('mask')")
     v = p.add_argument_group("VAE (--harmonizers vae; Moyer et al. 2020)")
     v.add_argument("--vae-target-site", default=None,
                    help="decode every run with this site's code (default: the site-average "
@@ -123,7 +127,8 @@ def group_options(args: argparse.Namespace) -> dict:
             "Level": args.level, "Seed": args.seed,
             "ApplyModel": str(args.apply_model) if args.apply_model else None,
             **({"RISH": {"Covariates": _rish_covariates(args),
-                         "TemplateSubjects": args.rish_template_subjects or "all"}}
+                         "TemplateSubjects": args.rish_template_subjects or "all",
+                         "Smoothing": args.rish_smoothing}}
                if "rish" in _split(args.harmonizers) else {}),
             **({"VAE": {"Mode": args.vae_mode, "TargetSite": args.vae_target_site or
                         "site average", "VoxelsPerRun": args.vae_voxels_per_run,
@@ -301,7 +306,8 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
         except HarmonizationError as exc:
             raise GroupUsageError(f"--rish-template-subjects: {exc}") from None
     rish_options = {"covariates": _rish_covariates(args),
-                    "template_subjects": args.rish_template_subjects}
+                    "template_subjects": args.rish_template_subjects,
+                    "smoothing": args.rish_smoothing}
     wf = init_group_wf(harmonizers=names, covariates=covariates, effect=args.effect,
                        metrics=features, ref_site=args.reference_site, seed=args.seed,
                        evaluate=models is None, report=not args.no_report,

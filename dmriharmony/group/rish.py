@@ -352,6 +352,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
                template_source: str = "phantom", template_dir: str | None = None,
                bmax: float = 1500.0, b_round: float = 50.0, fit_method: str = "wls",
                smoothing_fwhm: float = 4.0, sh_smooth: float = 0.0,
+               tissue_aware_smoothing: bool = True,
                write: Callable[[Path, nib.Nifti1Image], None] | None = None,
                progress: bool = True,
                roi_dir: str | Path | None = None) -> dict:
@@ -368,7 +369,9 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     are adjusted for the participants.tsv ``covariates`` (age, sex, diagnosis ...: site means
     at the pooled covariates, :meth:`RISHHarmonizer.fit`) so that sites whose participants
     differ in age or diagnosis are compared at equal biology; ``()`` (default) gives plain
-    site means, as published.
+    site means, as published. ``tissue_aware_smoothing`` smooths the scale maps within tissue
+    and free-water-like voxels separately (:func:`dmriharmony.harmonizers.rish.signal_classes`);
+    False smooths over the whole mask.
     Returns ``{"model": RISHHarmonizer, "runs":
     DataFrame, "traveling": DataFrame, "roi_files": [...], "notes": [...]}``.
     """
@@ -404,7 +407,8 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     notes.extend(cov_notes)
     feats = [f for f, k in zip(feats, keep, strict=True) if k]
     sites = [s for s, k in zip(sites, keep, strict=True) if k]
-    model = RISHHarmonizer(reference_site, smoothing_fwhm=smoothing_fwhm).fit(
+    model = RISHHarmonizer(reference_site, smoothing_fwhm=smoothing_fwhm,
+                           tissue_aware=tissue_aware_smoothing).fit(
         feats, sites, template.mask, voxel_size=np.abs(np.diag(template.affine)[:3]),
         covariates=cov, covariate_names=cov_names)
     if cov_names:

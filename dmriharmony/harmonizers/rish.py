@@ -38,7 +38,7 @@ from dmriharmony.errors import HarmonizationError
 from dmriharmony.sh.fit import SHFit, fit_shells
 from dmriharmony.sh.rish import rish_features, scale_by_order
 
-__all__ = ["RISHHarmonizer", "harmonize_dwi", "rish_maps"]
+__all__ = ["RISHHarmonizer", "harmonize_dwi", "rish_maps", "signal_classes"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -68,6 +68,38 @@ def _smooth_in_mask(values: np.ndarray, mask: np.ndarray, sigma_vox: float) -> n
     return out
 
 
+def signal_classes(reference_e0: np.ndarray, mask: np.ndarray, ratio: float = 0.25
+                   ) -> np.ndarray:
+    """Split the mask into tissue (1) and free-water-like (2) voxels by the reference L0 energy.
+
+    At b ~ 1000 s/mm^2 the b0-normalised signal of CSF (D = 3e-3 mm^2/s) is ~0.05 against
+    ~0.4-0.6 in brain tissue, so its order-0 RISH energy ``E_0`` is tens of times lower. A voxel
+    is free-water-like when ``E_0 < ratio * median(E_0)`` over the mask (``ratio`` 0.25: half
+    the median signal amplitude). Scale factors differ between the two classes (the b-value and
+    TE act differently on free and hindered water), so the smoothing of the scale maps must not
+    mix them (:func:`_smooth_by_class`). 0 outside the mask.
+    """
+    mask = np.asarray(mask, bool)
+    e0 = np.asarray(reference_e0, dtype=float)
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    if not mask.any():
+        return out
+    med = float(np.median(e0[mask]))
+    low = e0 < ratio * med
+    out[mask & ~low] = 1
+    out[mask & low] = 2
+    return out
+
+
+def _smooth_by_class(values: np.ndarray, classes: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """:func:`_smooth_in_mask` within each class of ``classes`` separately (1 outside all)."""
+    out = np.ones_like(values)
+    for c in np.unique(classes[classes > 0]):
+        sel = classes == c
+        out[sel] = _smooth_in_mask(values, sel, sigma_vox)[sel]
+    return out
+
+
 class RISHHarmonizer:
     """Site templates of RISH features and the scale maps that map a site onto the reference.
 
@@ -86,12 +118,19 @@ class RISHHarmonizer:
     min_energy : float
         Voxels whose site template energy is below this (relative to the order's median) get
         scale 1.
+    tissue_aware : bool
+        Smooth the scale maps separately within tissue and free-water-like voxels
+        (:func:`signal_classes`, from the reference site's ``E_0`` template) instead of across
+        the whole mask. Our choice, not in the papers: with one smoothing over the mask, CSF
+        scales leak into neighbouring white matter and bias its MD (measured in
+        ``benchmarks/results/traveling.md``).
     """
 
     def __init__(self, reference_site: str | None = None, *, smoothing_fwhm: float = 4.0,
                  clip: tuple[float, float] = (0.5, 2.0), bvalue_tol: float = 0.25,
-                 min_energy: float = 1e-3) -> None:
+                 min_energy: float = 1e-3, tissue_aware: bool = True) -> None:
         self.reference_site = reference_site
+        self.tissue_aware = bool(tissue_aware)
         self.smoothing_fwhm = float(smoothing_fwhm)
         self.clip = (float(clip[0]), float(clip[1]))
         self.bvalue_tol = float(bvalue_tol)
@@ -217,7 +256,12 @@ class RISHHarmonizer:
             ok = self.mask_[..., None] & (t > floor) & (r > 0)
             scale = np.ones_like(t)
             scale[ok] = np.sqrt(r[ok] / t[ok])
-            scale = np.clip(_smooth_in_mask(scale, self.mask_, sigma), *self.clip)
+            if self.tissue_aware:
+                classes = signal_classes(r[..., 0], self.mask_)
+                scale = _smooth_by_class(scale, classes, sigma)
+            else:
+                scale = _smooth_in_mask(scale, self.mask_, sigma)
+            scale = np.clip(scale, *self.clip)
             scale[~self.mask_] = 1.0
             out[b] = scale
         return out
@@ -246,6 +290,7 @@ class RISHHarmonizer:
                 "reference_bvalues": self.reference_bvalues_, "voxel_size": self.voxel_size_,
                 "smoothing_fwhm": self.smoothing_fwhm, "clip": self.clip,
                 "bvalue_tol": self.bvalue_tol, "min_energy": self.min_energy,
+                "tissue_aware": self.tissue_aware,
                 "unmatched": {k: v for k, v in self.unmatched_.items()},
                 "covariates": list(getattr(self, "covariate_names_", []))}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -263,7 +308,8 @@ class RISHHarmonizer:
             meta = json.loads(bytes(z["meta"]).decode())
             self = cls(meta["reference_site"], smoothing_fwhm=meta["smoothing_fwhm"],
                        clip=tuple(meta["clip"]), bvalue_tol=meta["bvalue_tol"],
-                       min_energy=meta["min_energy"])
+                       min_energy=meta["min_energy"],
+                       tissue_aware=meta.get("tissue_aware", False))
             self.reference_site_ = meta["reference_site"]
             self.sites_ = list(meta["sites"])
             self.reference_bvalues_ = [float(b) for b in meta["reference_bvalues"]]

@@ -198,6 +198,9 @@ class _RISHStudyInputSpec(_RISHInputSpec):
                              "are adjusted for (empty: plain site means)")
     template_subjects = traits.Str(desc="COLUMN=VALUE[,VALUE]: only these participants build "
                                    "the site templates (e.g. dx=0: controls)")
+    smoothing = traits.Enum("tissue", "mask", usedefault=True,
+                            desc="smooth the scale maps within tissue and free-water-like "
+                                 "voxels separately (tissue) or over the whole mask (mask)")
 
 
 class _RISHOutputSpec(TraitedSpec):
@@ -227,6 +230,7 @@ class RISHStudy(SimpleInterface):
                           template_subjects=_opt(self.inputs.template_subjects) or None,
                           template_source=_opt(self.inputs.template_source, "phantom"),
                           template_dir=_opt(self.inputs.template_dir), write=write,
+                          tissue_aware_smoothing=self.inputs.smoothing == "tissue",
                           roi_dir=roi_dir, progress=False)
 
     def _run_interface(self, runtime):
