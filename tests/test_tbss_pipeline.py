@@ -16,7 +16,7 @@ from dmriharmony.errors import TemplateError
 from dmriharmony.tbss.io import load_image, save_nifti
 from dmriharmony.tbss.pipeline import output_names, run_tbss
 from dmriharmony.tbss.project import project_onto_skeleton
-from dmriharmony.tbss.register import Registration, RegistrationConfig
+from dmriharmony.tbss.register import Registration, RegistrationConfig, rotation_angle_deg
 from dmriharmony.tbss.roi import extract_rois
 from dmriharmony.tbss.synthetic import deform, downsample_template, rigid_matrix
 from dmriharmony.tbss.templates import enigma_template
@@ -80,6 +80,9 @@ def test_tbss_run_outputs_and_accuracy(small_enigma, tbss_outputs):
     assert "space-ENIGMA4_model-tensor_param-fa_dwimap" in out["warped_fa"]
     qc = pd.read_csv(out["qc_tsv"], sep="\t", dtype={"subject": str})
     assert qc.loc[0, "subject"] == "01" and qc.loc[0, "fa_template_corr"] > 0.95
+    # the QC row carries the linear transform's head rotation (the known motion's angle)
+    assert qc.loc[0, "rotation_deg"] == pytest.approx(rotation_angle_deg(RIGID), abs=1.5)
+    assert qc.loc[0, "linear_pyramid"] in ("configured", "finer")
     rows = pd.read_csv(out["roi_tsv"], sep="\t", dtype={"subject": str, "session": str})
     assert list(rows["metric"]) == ["FA", "MD"] and rows.loc[0, "session"] == "A"
     # Reference: the template itself moved by the exact motion and moved back by its exact

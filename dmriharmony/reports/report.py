@@ -103,6 +103,8 @@ def _qc_table(deriv: Path) -> pd.DataFrame | None:
             t = pd.read_csv(tb, sep="\t").iloc[0].to_dict()
             row["fa_template_corr"] = t.get("fa_template_corr")
             row["skeleton_coverage"] = t.get("skeleton_coverage")
+            if "rotation_deg" in t:
+                row["rotation_deg"] = t.get("rotation_deg")
         rows.append(row)
     return pd.DataFrame(rows) if rows else None
 

@@ -22,7 +22,12 @@ from dmriharmony.errors import TemplateError
 from dmriharmony.tbss.io import ImageLike, as_fraction, load_image, save_nifti
 from dmriharmony.tbss.project import SEARCH_FWHM_MM, project_onto_skeleton
 from dmriharmony.tbss.qc import qc_metrics, skeleton_overlay_png, write_qc_tsv
-from dmriharmony.tbss.register import Registration, RegistrationConfig, register_to_template
+from dmriharmony.tbss.register import (
+    Registration,
+    RegistrationConfig,
+    register_to_template,
+    rotation_angle_deg,
+)
 from dmriharmony.tbss.roi import extract_rois, write_roi_row
 from dmriharmony.tbss.templates import Template, load_template_dir
 
@@ -153,6 +158,8 @@ def run_tbss(
     out["roi_tsv"] = str(write_roi_row(tables, names["roi_tsv"], subject, session, run))
 
     qc = qc_metrics(warped["FA"], tpl.fa, tpl.mask, tpl.skeleton, proj["FA"])
+    qc["rotation_deg"] = rotation_angle_deg(reg.affine)
+    qc["linear_pyramid"] = str(reg.metrics.get("linear_pyramid", "n/a"))
     qc["registration_s"] = float(reg.metrics.get("total_s", float("nan")))
     qc["total_s"] = time.perf_counter() - t0
     out["qc_tsv"] = str(write_qc_tsv(qc, names["qc_tsv"], subject=subject,
