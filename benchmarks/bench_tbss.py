@@ -81,7 +81,8 @@ def _one_run(case: str, who: str) -> dict:
     corr = float(np.corrcoef(np.where(m, warped, 0)[m], tpl.fa[m])[0, 1])
     return {"case": case, "who": who, "shape": "x".join(map(str, tpl.shape)),
             "registration_s": t_reg, "projection_s": t_proj, "total_s": t_reg + t_proj,
-            "stages": {k: round(v, 2) for k, v in reg.metrics.items()}, "corr": corr,
+            "stages": {k: round(v, 2) if isinstance(v, float) else v
+                       for k, v in reg.metrics.items()}, "corr": corr,
             "averagefa": float(rois["FA"].loc["AverageFA", "Average"]),
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
