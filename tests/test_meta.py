@@ -273,6 +273,25 @@ def test_forest_plot_writes_png_and_svg(tmp_path) -> None:
         meta.forest(eff, "FA", path=tmp_path / "fa.gif")
 
 
+@pytest.mark.parametrize("k", [2, 3, 8])
+def test_forest_heterogeneity_line_clear_of_axis_label(k: int) -> None:
+    """The tau^2/I^2/Q line sits below the x-axis label, not on it (any number of sites)."""
+    from dmriharmony.harmonizers._forest import forest_plot
+
+    rng = np.random.default_rng(k)
+    yi, vi = rng.normal(0.3, 0.2, k), rng.uniform(0.01, 0.05, k)
+    fig = forest_plot(yi, vi, [f"site{i}" for i in range(k)], pooled=meta.pool(yi, vi),
+                      xlabel="d")
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    label = ax.xaxis.label.get_window_extent(renderer)
+    (note,) = [t for t in ax.texts if t.get_text().startswith("tau^2")]
+    box = note.get_window_extent(renderer)
+    assert box.y1 <= label.y0 + 0.5  # display coordinates: y grows upwards
+    assert box.x0 >= ax.get_window_extent(renderer).x0 - 0.5  # starts at the axes' left
+
+
 def test_hundred_thousand_features_reml_fast() -> None:
     """100,000 features x 10 sites by REML in a few seconds (PyMARE: ~1.5 s, see benchmarks)."""
     import time

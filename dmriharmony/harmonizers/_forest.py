@@ -107,11 +107,13 @@ def forest_plot(
         name = "FE model" if pooled.method == "FE" else f"RE model ({pooled.method})"
         ticks.append(0.5)
         ticklabels = [*labels, name]
-        ax.text(
-            0.0, -0.12 - 0.02 * (k < 6),
+        # heterogeneity line under the x-axis label (anchored to the label, so the two never
+        # overlap whatever the figure height or tick-label size)
+        ax.annotate(
             f"tau^2 = {tau2:.3g}, I^2 = {float(pooled.I2):.1f}%, Q = {float(pooled.Q):.2f} "
             f"(p = {float(pooled.Q_p):.3g})",
-            transform=ax.transAxes, fontsize=8, va="top",
+            xy=(0.0, 0.0), xycoords=("axes fraction", ax.xaxis.label), xytext=(0, -4),
+            textcoords="offset points", fontsize=8, va="top", ha="left",
         )
         right = [f"{a:.2f} [{b:.2f}, {c:.2f}]" for a, b, c in zip(y, y - z * se, y + z * se)]
         right.append(f"{est:.2f} [{lo:.2f}, {hi:.2f}]")

@@ -69,7 +69,10 @@ def init_group_wf(
     vae_options : :class:`~dmriharmony.interfaces.group.VAEStudy` inputs (``target_site``,
         ``mode``, ``device``, ``voxels_per_run``).
     rish_options : :class:`~dmriharmony.interfaces.group.RISHStudy` inputs (``covariates``:
-        the columns the site templates are adjusted for, default none; ``template_subjects``).
+        the columns the site templates are adjusted for, default none; ``template_subjects``:
+        the subjects the templates are built from, e.g. ``dx=0``; ``smoothing``: ``tissue``
+        (default, scale maps smoothed within tissue and free-water-like voxels separately) or
+        ``mask`` (one smoothing over the brain mask)).
     name : workflow name.
 
     Inputs (``inputnode``)
