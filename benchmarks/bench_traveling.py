@@ -48,8 +48,10 @@ VARIANTS = {
     "rish-controls": dict(kind="rish", covariates=("age", "sex"), template_subjects="dx=0"),
     "rish-plain-8mm": dict(kind="rish", covariates=(), smoothing_fwhm=8.0),
     "rish-adjusted-8mm": dict(kind="rish", covariates=("age", "sex", "dx"), smoothing_fwhm=8.0),
+    "voxel-combat": dict(kind="combat"),
     "vae-decode": dict(kind="vae", conversion="decode"),
     "vae-residual": dict(kind="vae", conversion="residual"),
+    "vae-location-scale": dict(kind="vae", conversion="location-scale"),
 }
 
 
@@ -123,6 +125,10 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
         nib.save(img, str(dst))
 
     t0 = time.perf_counter()
+    if spec["kind"] == "combat":
+        res = voxel_combat_variant(ds, deriv)
+        res["wall_s"] = time.perf_counter() - t0
+        return res
     if spec["kind"] == "rish":
         res = rish_study(ds, deriv, covariates=list(spec["covariates"]),
                          template_subjects=spec.get("template_subjects"),
@@ -140,6 +146,71 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
     res["wall_s"] = wall
     res["roi_table"] = _roi_table(res["roi_files"], ds, deriv)
     return res
+
+
+def _covariates(table: pd.DataFrame) -> pd.DataFrame:
+    """age, sex (M = 1) and dx of the runs, numeric (all protected by ComBat)."""
+    return pd.DataFrame({"age": table["age"].astype(float),
+                         "sex": (table["sex"].astype(str).str.upper() == "M").astype(float),
+                         "dx": table["dx"].astype(float)})
+
+
+def voxel_combat_variant(ds: Path, deriv: Path) -> dict:
+    """Voxel ComBat (Fortin et al. 2017) on the template-space maps, scored like RISH/VAE.
+
+    The out-of-core :class:`~dmriharmony.harmonizers.voxel_combat.VoxelComBat` (parametric EB;
+    age, sex and dx protected) is fitted on the single-site runs' template-space FA and MD
+    inside the template brain mask and applied to the traveling subjects' runs as new subjects
+    of the seen sites (the group level's ``--level voxel``); the traveling scores use the same
+    code as RISH and the VAE (:class:`dmriharmony.group.rish.HarmonizedOutputs`). The dx
+    effect comes from a second fit on the TBSS skeleton maps (``--level skeleton``), whose
+    harmonized values give the ENIGMA ROI means of the single-site runs.
+    """
+    from dmriharmony.group.maps import collect_maps
+    from dmriharmony.group.rish import HarmonizedOutputs
+    from dmriharmony.harmonizers.voxel_combat import VoxelComBat
+    from dmriharmony.tbss.roi import extract_rois
+    from dmriharmony.tbss.templates import load_template
+
+    tpl = load_template("phantom", None)
+    scores = HarmonizedOutputs("voxelcombat", tpl, write=None, roi_dir=None)
+    parts = ds / "participants.tsv"
+    roi_rows = None
+    for level in ("voxel", "skeleton"):
+        for metric in ("fa", "md") if level == "voxel" else ("fa",):
+            maps = collect_maps(deriv, parts, metric=metric, level=level,
+                                covariates=["age", "sex"], effect="dx")
+            t = maps.table
+            mask = tpl.mask if level == "voxel" else tpl.skeleton
+            X = np.vstack([np.asarray(nib.load(f).dataobj, dtype=np.float64)[mask]
+                           for f in t["path"]])
+            cov = _covariates(t)
+            train = ~t["traveling"].to_numpy(bool)
+            model = VoxelComBat().fit(X[train], t["site"][train].to_numpy(), cov[train])
+            if level == "voxel":
+                trav = ~train
+                Xh = model.transform(X[trav], t["site"][trav].to_numpy(), cov[trav])
+                for k, (_, r) in enumerate(t[trav].iterrows()):
+                    key = str(r["session"])
+                    before = np.zeros(tpl.mask.shape)
+                    after = np.zeros(tpl.mask.shape)
+                    before[mask], after[mask] = X[trav][k], Xh[k]
+                    scores.before[metric].setdefault(r["subject"], {})[key] = before
+                    scores.after[metric].setdefault(r["subject"], {})[key] = after
+                    scores.session_site.setdefault(r["subject"], {})[key] = str(r["site"])
+            else:
+                Xh = model.transform(X[train], t["site"][train].to_numpy(), cov[train])
+                rows = []
+                for k, (_, r) in enumerate(t[train].iterrows()):
+                    vol = np.zeros(mask.shape)
+                    vol[mask] = Xh[k]
+                    rois = extract_rois(vol, tpl.roi_mask, tpl.labels, tpl.label_table)
+                    rows.append({**r.drop(labels=["path"]).to_dict(),
+                                 **rois["Average"].to_dict()})
+                roi_rows = pd.DataFrame(rows)
+                roi_rows["traveling"] = "no"
+    return {"traveling": scores.traveling(), "roi_table": roi_rows, "latent": {},
+            "roi_files": []}
 
 
 def _fmt(v: float, pct: bool = False) -> str:

@@ -191,6 +191,65 @@ def test_residual_conversion_adds_the_decoders_site_difference(trained, data):
     assert np.linalg.norm(res - x - (res - x).mean(0)) < np.linalg.norm(dec - x - (dec - x).mean(0))
 
 
+def test_location_scale_conversion_rescales_the_residual_to_the_target_site(tmp_path):
+    """D(z, t) + (x - D(z, s)) r_t / r_s. Three sites see the same signal; site B is much
+    noisier. The residual scales are the per-site RMS of x - D(z, own site) on the validation
+    scans, larger at B; the conversion is that formula exactly (own site: the input back;
+    site-average target: the root mean square of the scales); the scales survive a
+    checkpoint."""
+    rng = np.random.default_rng(3)
+    noise_sd = {"A": 0.05, "B": 0.5, "C": 0.05}
+    clean = {s: [subject_sh_volume(100 + 10 * k + j, shape=SHAPE)[0].reshape(-1, 16)
+                 for j in range(5)] for k, s in enumerate(noise_sd)}
+    spread = np.concatenate([x for v in clean.values() for x in v]).std(axis=0)
+
+    def noisy(x, site):
+        return (x + rng.normal(size=x.shape) * noise_sd[site] * spread).astype(np.float32)
+
+    X = {s: [noisy(x, s) for x in scans] for s, scans in clean.items()}
+    Xt = np.concatenate([x for s in X for x in X[s][:4]])
+    st = np.concatenate([[s] * sum(len(x) for x in X[s][:4]) for s in X])
+    Xv = np.concatenate([X[s][4] for s in X])
+    sv = np.concatenate([[s] * len(X[s][4]) for s in X])
+    model = SiteInvariantVAE(_config(mode="site_adversary", site_weight=3.0, latent_dim=4),
+                             progress=False).fit(Xt, st, X_val=Xv, sites_val=sv)
+    sd = model.residual_sd_
+    scale = model.scale_.numpy()
+    for k, site in enumerate(model.sites_):  # the RMS residual of the validation scans
+        x = Xv[sv == site]
+        r = (x - model.reconstruct(x, [site] * len(x))) / scale
+        np.testing.assert_allclose(sd[k], np.sqrt(np.mean(r ** 2, axis=0)), rtol=1e-4)
+    a, b = model.sites_.index("A"), model.sites_.index("B")
+    assert np.median(sd[b] / sd[a]) > 1.3  # the noisy site leaves more unexplained
+    xb = noisy(subject_sh_volume(TRAVELERS[0], shape=SHAPE)[0].reshape(-1, 16), "B")
+    n = len(xb)
+    same = model.transform(xb, ["B"] * n, "B", residual=True, scale_residual=True)
+    np.testing.assert_allclose(same, xb, rtol=1e-4, atol=1e-4 * np.abs(xb).max())
+    rec_b = model.reconstruct(xb, ["B"] * n)
+    to_a = model.transform(xb, ["B"] * n, "A", residual=True, scale_residual=True)
+    dec_a = model.transform(xb, ["B"] * n, "A")
+    tol = 1e-4 * np.abs(xb).max()
+    np.testing.assert_allclose(to_a, dec_a + (xb - rec_b) * sd[a] / sd[b], rtol=1e-4, atol=tol)
+    avg = model.transform(xb, ["B"] * n, None, residual=True, scale_residual=True)
+    dec_avg = model.transform(xb, ["B"] * n, None)
+    rms = np.sqrt(np.mean(sd ** 2, axis=0))
+    np.testing.assert_allclose(avg, dec_avg + (xb - rec_b) * rms / sd[b], rtol=1e-4, atol=tol)
+    # B's residual shrinks to A's level: the converted voxels scatter less about D(z, A)
+    plain = model.transform(xb, ["B"] * n, "A", residual=True)
+    assert np.linalg.norm((to_a - dec_a) / scale) < 0.9 * np.linalg.norm((plain - dec_a) / scale)
+    model.save(tmp_path / "ls")
+    loaded = SiteInvariantVAE.load(tmp_path / "ls", progress=False)
+    np.testing.assert_allclose(loaded.residual_sd_, sd, rtol=1e-12)
+    np.testing.assert_array_equal(
+        loaded.transform(xb[:50], ["B"] * 50, "A", residual=True, scale_residual=True),
+        to_a[:50])
+    with pytest.raises(HarmonizationError, match="scale_residual needs residual=True"):
+        model.transform(xb[:5], ["B"] * 5, "A", scale_residual=True)
+    loaded.residual_sd_ = None  # a checkpoint from before the scales existed
+    with pytest.raises(HarmonizationError, match="no residual scales"):
+        loaded.transform(xb[:5], ["B"] * 5, "A", residual=True, scale_residual=True)
+
+
 def test_checkpoint_round_trip_identical(trained, data, tmp_path):
     X, sites, _, travel = data
     model = trained["site_adversary"]

@@ -84,10 +84,13 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                    help="moyer: mutual-information bound and decoder adversary as published; "
                         "site_adversary (default): plus a latent site classifier the encoder "
                         "is trained to defeat")
-    v.add_argument("--vae-conversion", choices=["decode", "residual"], default="decode",
+    v.add_argument("--vae-conversion", choices=["decode", "residual", "location-scale"],
+                   default="decode",
                    help="decode (default, Moyer et al.): write the decoded signal D(z, target); "
                         "residual: the measured signal plus the decoder's change of site, "
-                        "x + D(z, target) - D(z, source), which keeps each scan's own detail")
+                        "x + D(z, target) - D(z, source), which keeps each scan's own detail; "
+                        "location-scale: the residual x - D(z, source) also rescaled to the "
+                        "target site's noise level (ComBat's location/scale model in the VAE)")
     v.add_argument("--vae-voxels-per-run", type=int, default=4000,
                    help="training voxels sampled per run (default 4000)")
     v.add_argument("--device", default="cpu",

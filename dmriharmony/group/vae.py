@@ -30,7 +30,12 @@ import numpy as np
 
 from dmriharmony.errors import HarmonizationError
 
-__all__ = ["vae_study"]
+__all__ = ["CONVERSIONS", "vae_study"]
+
+#: How a run is converted: ``decode`` (Moyer et al. 2020), ``residual`` (measured signal plus
+#: the decoder's change of site code), ``location-scale`` (the residual also rescaled to the
+#: target site's noise level): :meth:`dmriharmony.harmonizers.vae.SiteInvariantVAE.transform`.
+CONVERSIONS = ("decode", "residual", "location-scale")
 
 LOGGER = logging.getLogger(__name__)
 
@@ -58,7 +63,9 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
     ``conversion``: ``"decode"`` (Moyer et al. 2020) writes the decoded signal
     ``D(z, target)``; ``"residual"`` writes the measured signal plus the decoder's change of
     site code, ``x + D(z, target) - D(z, source)``
-    (:meth:`~dmriharmony.harmonizers.vae.SiteInvariantVAE.transform`). ``model``: a fitted
+    (:meth:`~dmriharmony.harmonizers.vae.SiteInvariantVAE.transform`);
+    ``"location-scale"`` writes ``D(z, target) + (x - D(z, source)) r_target / r_source``, the
+    residual rescaled to the target site's unexplained (noise) level. ``model``: a fitted
     :class:`~dmriharmony.harmonizers.vae.SiteInvariantVAE` (e.g. loaded from a checkpoint) to
     convert with instead of training one; it must know the study's sites and representation.
 
@@ -79,8 +86,8 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(path))
 
-    if conversion not in ("decode", "residual"):
-        raise HarmonizationError(f"VAE conversion must be 'decode' or 'residual', got "
+    if conversion not in CONVERSIONS:
+        raise HarmonizationError(f"VAE conversion must be one of {', '.join(CONVERSIONS)}, got "
                                  f"{conversion!r}")
     runs = collect_runs(bids_dir, deriv_dir)
     template = load_template(template_source, template_dir)
@@ -149,7 +156,8 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
         dwi, mask = _load(run)
         samples = neighbourhood_features(vol, fit.mask, 6).astype(np.float32)
         decoded = model.transform(samples, [run.site] * len(samples), target_site,
-                                  residual=conversion == "residual")
+                                  residual=conversion != "decode",
+                                  scale_residual=conversion == "location-scale")
         centre = np.zeros(fit.mask.shape + (n_per_voxel,))
         centre[fit.mask] = decoded[:, :n_per_voxel]
         harmonized = SHFit.from_features(centre, fit.mask, [bvalue], [order])

@@ -167,6 +167,10 @@ class SiteInvariantVAE:
         Per-epoch training and validation losses.
     best_epoch_ : int
         Epoch whose weights were kept (lowest validation VAE loss).
+    residual_sd_ : ndarray (n_sites, n_features)
+        Per site, the RMS of what the autoencoder does not reconstruct, ``x - D(z, site)``
+        (standardized units; held-out scans when every site has some), used by the
+        location-scale conversion (:meth:`transform`).
     """
 
     def __init__(self, config: VAEConfig | None = None, *, device: str = "cpu",
@@ -179,6 +183,7 @@ class SiteInvariantVAE:
         self.n_features_: int | None = None
         self.history_: list[dict] = []
         self.best_epoch_: int | None = None
+        self.residual_sd_: np.ndarray | None = None
 
     # -- construction ----------------------------------------------------------------
     def _build(self, n_features: int, n_sites: int) -> None:
@@ -255,7 +260,33 @@ class SiteInvariantVAE:
             self.mean_ = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
             self.scale_ = torch.as_tensor(sd, dtype=torch.float32, device=self.device)
         self._train(Xt, site_index(lt, site_list), Xv, site_index(lv, site_list))
+        yv = site_index(lv, site_list)
+        held_out = len(Xv) and np.bincount(yv, minlength=len(site_list)).min() >= 20
+        self.residual_sd_ = (self._residual_sd(Xv, yv) if held_out
+                             else self._residual_sd(Xt, site_index(lt, site_list)))
         return self
+
+    @torch.no_grad()
+    def _residual_sd(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per site and feature, the RMS of ``x - D(z, own site)`` (standardized units)."""
+        k = len(self.sites_)
+        sq = np.zeros((k, self.n_features_))
+        count = np.zeros(k)
+        for net in self._nets().values():
+            net.eval()
+        for start in range(0, len(X), 8192):
+            x = self._standardize(torch.from_numpy(X[start:start + 8192]).to(self.device))
+            yy = torch.from_numpy(y[start:start + 8192]).to(self.device)
+            mean, _lv = self.encoder(x)
+            r = (x - self.decoder(mean, F.one_hot(yy, k).float())).double() ** 2
+            idx = yy.cpu().numpy()
+            np.add.at(sq, idx, r.cpu().numpy())
+            count += np.bincount(idx, minlength=k)
+        if (count == 0).any():
+            missing = [self.sites_[i] for i in np.flatnonzero(count == 0)]
+            raise HarmonizationError(f"no voxels of site(s) {missing} to estimate the "
+                                     "residual scale from")
+        return np.sqrt(sq / count[:, None])
 
     def _train(self, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray) -> None:
         cfg = self.config
@@ -433,7 +464,8 @@ class SiteInvariantVAE:
         return np.concatenate(out, axis=0)
 
     def transform(self, X: np.ndarray, sites: Sequence | np.ndarray,
-                  target_site: str | None = None, *, residual: bool = False) -> np.ndarray:
+                  target_site: str | None = None, *, residual: bool = False,
+                  scale_residual: bool = False) -> np.ndarray:
         """Harmonized features: encode, then decode with ``target_site``'s code.
 
         Parameters
@@ -453,15 +485,39 @@ class SiteInvariantVAE:
             smoothed away, and only the learned change of scanner is applied. Not in the
             paper; it keeps each scan's own noise and anatomy, so maps stay as sharp as the
             measured ones (documented deviation).
+        scale_residual
+            With ``residual``: the *location-scale* conversion
+            ``D(z, target) + (x - D(z, source)) * r_target / r_source``, where ``r_site``
+            (:attr:`residual_sd_`, per feature) is the RMS of what the autoencoder leaves
+            unexplained at that site -- mostly measurement noise. ComBat's location/scale model
+            (Johnson et al. 2007; Fortin et al. 2017) carried into the VAE: the decoder moves
+            the site's mean signal, and the residual is rescaled to the target site's noise
+            level, so that noise-driven biases of nonlinear maps (FA rises with noise) match
+            too. For the site-average code, ``r_target`` is the root mean square of the sites'
+            ``r``. Not in Moyer et al. (2020): our extension, documented as such.
         """
         self._check_fitted()
+        if scale_residual and not residual:
+            raise HarmonizationError("scale_residual needs residual=True (the location-scale "
+                                     "conversion rescales the residual x - D(z, source))")
+        if scale_residual and self.residual_sd_ is None:
+            raise HarmonizationError("this VAE has no residual scales (a checkpoint saved before "
+                                     "they existed): retrain it for the location-scale "
+                                     "conversion")
         X = check_features(X, self.n_features_)
         labels = check_sites(sites, X.shape[0], self.sites_)
         code = self._site_code(target_site, 1)
-        own = None
+        own = ratio = None
         if residual:
-            idx = torch.from_numpy(site_index(labels, self.sites_)).to(self.device)
+            idx_np = site_index(labels, self.sites_)
+            idx = torch.from_numpy(idx_np).to(self.device)
             own = F.one_hot(idx, len(self.sites_)).float()
+            if scale_residual:
+                sd = np.maximum(np.asarray(self.residual_sd_, dtype=np.float64), 1e-12)
+                tgt = (np.sqrt(np.mean(sd ** 2, axis=0)) if target_site is None
+                       else sd[self.sites_.index(str(target_site))])
+                ratio = torch.as_tensor(tgt[None, :] / sd, dtype=torch.float32,
+                                        device=self.device)[idx]
 
         def run(x: torch.Tensor, start: int) -> torch.Tensor:
             mean, _lv = self.encoder(x)
@@ -469,6 +525,9 @@ class SiteInvariantVAE:
             if own is None:
                 return target * self.scale_ + self.mean_
             source = self.decoder(mean, own[start:start + x.shape[0]])
+            if ratio is not None:
+                r = ratio[start:start + x.shape[0]]
+                return (target + (x - source) * r) * self.scale_ + self.mean_
             return x * self.scale_ + self.mean_ + (target - source) * self.scale_
 
         return self._run(X, run)
@@ -504,6 +563,8 @@ class SiteInvariantVAE:
         folder.mkdir(parents=True, exist_ok=True)
         weights = {k: net.state_dict() for k, net in self._nets().items()}
         weights["scaler"] = {"mean": self.mean_.cpu(), "scale": self.scale_.cpu()}
+        if self.residual_sd_ is not None:
+            weights["residual_sd"] = torch.as_tensor(np.asarray(self.residual_sd_))
         meta = {
             "format_version": FORMAT_VERSION,
             "model": "SiteInvariantVAE",
@@ -551,6 +612,8 @@ class SiteInvariantVAE:
             raise HarmonizationError(f"{w_file}: weights do not match {cfg_file} ({exc})") from None
         model.mean_ = weights["scaler"]["mean"].to(model.device)
         model.scale_ = weights["scaler"]["scale"].to(model.device)
+        if "residual_sd" in weights:
+            model.residual_sd_ = weights["residual_sd"].cpu().numpy().astype(np.float64)
         for net in model._nets().values():
             net.eval()
         return model
