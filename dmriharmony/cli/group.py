@@ -76,6 +76,11 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                    help="smooth the 4 mm scale maps within tissue and free-water-like voxels "
                         "separately (default 'tissue', so CSF scales do not leak into white "
                         "matter) or over the whole brain mask ('mask')")
+    r.add_argument("--rish-resynthesis", choices=["residual", "projection"], default="residual",
+                   help="how the scaled SH signal becomes DWI: 'residual' (default) adds the "
+                        "change of the fitted signal to the measured DWI, so that what a "
+                        "low-order fit of few directions cannot hold is kept; 'projection' "
+                        "writes the scaled SH signal itself, as published")
     v = p.add_argument_group("VAE (--harmonizers vae; Moyer et al. 2020)")
     v.add_argument("--vae-target-site", default=None,
                    help="decode every run with this site's code (default: the site-average "
@@ -131,7 +136,8 @@ def group_options(args: argparse.Namespace) -> dict:
             "ApplyModel": str(args.apply_model) if args.apply_model else None,
             **({"RISH": {"Covariates": _rish_covariates(args),
                          "TemplateSubjects": args.rish_template_subjects or "all",
-                         "Smoothing": args.rish_smoothing}}
+                         "Smoothing": args.rish_smoothing,
+                         "Resynthesis": args.rish_resynthesis}}
                if "rish" in _split(args.harmonizers) else {}),
             **({"VAE": {"Mode": args.vae_mode, "TargetSite": args.vae_target_site or
                         "site average", "VoxelsPerRun": args.vae_voxels_per_run,
@@ -310,7 +316,8 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
             raise GroupUsageError(f"--rish-template-subjects: {exc}") from None
     rish_options = {"covariates": _rish_covariates(args),
                     "template_subjects": args.rish_template_subjects,
-                    "smoothing": args.rish_smoothing}
+                    "smoothing": args.rish_smoothing,
+                    "resynthesis": args.rish_resynthesis}
     wf = init_group_wf(harmonizers=names, covariates=covariates, effect=args.effect,
                        metrics=features, ref_site=args.reference_site, seed=args.seed,
                        evaluate=models is None, report=not args.no_report,

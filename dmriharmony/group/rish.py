@@ -352,7 +352,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
                template_source: str = "phantom", template_dir: str | None = None,
                bmax: float = 1500.0, b_round: float = 50.0, fit_method: str = "wls",
                smoothing_fwhm: float = 4.0, sh_smooth: float = 0.0,
-               tissue_aware_smoothing: bool = True,
+               tissue_aware_smoothing: bool = True, resynthesis: str = "residual",
                write: Callable[[Path, nib.Nifti1Image], None] | None = None,
                progress: bool = True,
                roi_dir: str | Path | None = None) -> dict:
@@ -371,25 +371,30 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     differ in age or diagnosis are compared at equal biology; ``()`` (default) gives plain
     site means, as published. ``tissue_aware_smoothing`` smooths the scale maps within tissue
     and free-water-like voxels separately (:func:`dmriharmony.harmonizers.rish.signal_classes`);
-    False smooths over the whole mask.
+    False smooths over the whole mask. ``resynthesis``: ``"residual"`` (default) writes the
+    measured DWI plus the change of the fitted SH signal, ``"projection"`` the scaled SH signal
+    itself, as published (:func:`dmriharmony.harmonizers.rish.harmonize_dwi`).
     Returns ``{"model": RISHHarmonizer, "runs":
     DataFrame, "traveling": DataFrame, "roi_files": [...], "notes": [...]}``.
     """
     from tqdm import tqdm
 
-    from dmriharmony.harmonizers.rish import RISHHarmonizer, harmonize_dwi, rish_maps
+    from dmriharmony.harmonizers.rish import RESYNTHESIS, RISHHarmonizer, harmonize_dwi, rish_maps
     from dmriharmony.tbss.templates import load_template
 
     def _save(path: Path, img: nib.Nifti1Image) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(path))
 
+    if resynthesis not in RESYNTHESIS:
+        raise HarmonizationError(f"RISH re-synthesis must be one of {', '.join(RESYNTHESIS)}, "
+                                 f"got {resynthesis!r}")
     write = write or _save
     runs = collect_rish_runs(bids_dir, deriv_dir)
     template = load_template(template_source, template_dir)
     regs = {}
     feats, sites, subjects = [], [], []
-    notes: list[str] = []
+    notes: list[str] = [f"rish: re-synthesis {resynthesis}"]
     for run in tqdm(runs, desc="RISH features", disable=not progress):
         dwi, mask = _load(run)
         from dmriharmony.sh.fit import fit_shells
@@ -426,7 +431,8 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
                                for k in range(s.shape[-1])], axis=-1)
                   for b, s in model.scale_maps(run.site).items()}
         data, bvals, run_notes = harmonize_dwi(dwi.data, dwi.bvals, dwi.bvecs, mask, scales,
-                                               model.match_bvalue, smooth=sh_smooth)
+                                               model.match_bvalue, smooth=sh_smooth,
+                                               resynthesis=resynthesis)
         notes.extend(f"rish: {run.prefix}: {n}" for n in run_notes)
         tm = _refit(data, bvals, dwi.bvecs, mask, bmax, b_round, fit_method)
         acc.add(run, tm, dwi.affine, reg)

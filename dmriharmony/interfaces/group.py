@@ -201,6 +201,10 @@ class _RISHStudyInputSpec(_RISHInputSpec):
     smoothing = traits.Enum("tissue", "mask", usedefault=True,
                             desc="smooth the scale maps within tissue and free-water-like "
                                  "voxels separately (tissue) or over the whole mask (mask)")
+    resynthesis = traits.Enum("residual", "projection", usedefault=True,
+                              desc="residual: the measured DWI plus the change of the fitted "
+                                   "SH signal; projection: the scaled SH signal itself (as "
+                                   "published)")
 
 
 class _RISHOutputSpec(TraitedSpec):
@@ -231,6 +235,7 @@ class RISHStudy(SimpleInterface):
                           template_source=_opt(self.inputs.template_source, "phantom"),
                           template_dir=_opt(self.inputs.template_dir), write=write,
                           tissue_aware_smoothing=self.inputs.smoothing == "tissue",
+                          resynthesis=self.inputs.resynthesis,
                           roi_dir=roi_dir, progress=False)
 
     def _run_interface(self, runtime):

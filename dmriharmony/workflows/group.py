@@ -72,7 +72,8 @@ def init_group_wf(
         the columns the site templates are adjusted for, default none; ``template_subjects``:
         the subjects the templates are built from, e.g. ``dx=0``; ``smoothing``: ``tissue``
         (default, scale maps smoothed within tissue and free-water-like voxels separately) or
-        ``mask`` (one smoothing over the brain mask)).
+        ``mask`` (one smoothing over the brain mask); ``resynthesis``: ``residual`` (default)
+        or ``projection``, :func:`dmriharmony.harmonizers.rish.harmonize_dwi`).
     name : workflow name.
 
     Inputs (``inputnode``)
