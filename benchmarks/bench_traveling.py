@@ -44,6 +44,7 @@ BIN = Path(sys.executable).parent
 
 VARIANTS = {
     "rish-plain": dict(kind="rish", covariates=()),
+    "rish-projection": dict(kind="rish", covariates=(), resynthesis="projection"),
     "rish-adjusted": dict(kind="rish", covariates=("age", "sex", "dx")),
     "rish-controls": dict(kind="rish", covariates=("age", "sex"), template_subjects="dx=0"),
     "rish-plain-8mm": dict(kind="rish", covariates=(), smoothing_fwhm=8.0),
@@ -132,7 +133,8 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
     if spec["kind"] == "rish":
         res = rish_study(ds, deriv, covariates=list(spec["covariates"]),
                          template_subjects=spec.get("template_subjects"),
-                         smoothing_fwhm=spec.get("smoothing_fwhm", 4.0), write=write,
+                         smoothing_fwhm=spec.get("smoothing_fwhm", 4.0),
+                         resynthesis=spec.get("resynthesis", "residual"), write=write,
                          progress=False, roi_dir=vdir / "tbss")
     else:
         torch.manual_seed(seed)
