@@ -137,3 +137,23 @@ def test_explicit_validation_set_and_no_validation():
     es = SiteInvariantVAE(cfg.replace(max_epochs=10, patience=2, min_delta=1e9),
                           progress=False).fit(X, sites)
     assert len(es.history_) == 3 and es.best_epoch_ == 0
+
+
+def test_measured_shell_mapped_to_the_common_bvalue():
+    """The residual conversions add the VAE's change to the run's measured shell, mapped to the
+    common b-value by the mono-exponential rule when the b-values differ (Philips b=800 ->
+    1000): exact for a mono-exponential signal, the identity when the b-values agree."""
+    from dmriharmony.group.vae import _measured_at
+
+    rng = np.random.default_rng(0)
+    adc = rng.uniform(0.3e-3, 2.5e-3, (4, 3, 2, 15))
+    b0 = rng.uniform(500, 1500, (4, 3, 2))
+    mask = np.ones((4, 3, 2), bool)
+    mask[0, 0, 0] = False
+    at800 = b0[..., None] * np.exp(-800 * adc)
+    mapped = _measured_at(at800, b0, 800.0, 1000.0, mask)
+    np.testing.assert_allclose(mapped[mask], (b0[..., None] * np.exp(-1000 * adc))[mask],
+                               rtol=1e-10)
+    assert np.all(mapped[~mask] == 0)
+    same = _measured_at(at800, b0, 1003.0, 1000.0, mask)  # within 1 %: as measured
+    np.testing.assert_array_equal(same, at800)

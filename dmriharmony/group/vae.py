@@ -51,6 +51,21 @@ def _common_order(fits, bvalue: float, max_order: int) -> int:
     return int(min(max_order, *orders)) if len(orders) > 1 else int(min(max_order, orders[0]))
 
 
+def _measured_at(signal: np.ndarray, b0: np.ndarray, measured_b: float, bvalue: float,
+                 mask: np.ndarray) -> np.ndarray:
+    """A shell's measured DWI at ``bvalue``: as it is when the b-values agree (within 1 %),
+    else per direction with the mono-exponential rule ``S0 E^(bvalue / measured_b)``, the rule
+    of :func:`dmriharmony.sh.fit.map_to_bvalue` (0 outside ``mask``)."""
+    signal = np.asarray(signal, dtype=float)
+    if abs(measured_b - bvalue) <= 0.01 * bvalue:
+        return signal
+    s0 = np.asarray(b0, dtype=float)[..., None]
+    out = np.zeros_like(signal)
+    e = np.clip(signal[mask] / np.where(s0[mask] > 0, s0[mask], 1.0), 1e-6, None)
+    out[mask] = s0[mask] * e ** (bvalue / measured_b)
+    return out
+
+
 def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str | None = None,
               template_source: str = "phantom", template_dir: str | None = None,
               bvalue: float = 1000.0, max_order: int = 8, voxels_per_run: int = 4000,
@@ -68,6 +83,12 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
     residual rescaled to the target site's unexplained (noise) level. ``model``: a fitted
     :class:`~dmriharmony.harmonizers.vae.SiteInvariantVAE` (e.g. loaded from a checkpoint) to
     convert with instead of training one; it must know the study's sites and representation.
+
+    The residual conversions are applied to the measured signal, not to its SH projection:
+    the written DWI is the run's own shell (mapped to ``bvalue`` when its b-value differs) plus
+    the change of the SH signal, ``S + B (C_out - C)``, so that what the common low-order SH
+    representation cannot hold (at order 2, a single fibre's order >= 4 signal: dropping it
+    lowers the refitted FA by ~0.01-0.03) is kept; ``decode`` writes ``B C_out`` (as published).
 
     Returns ``{"model": SiteInvariantVAE, "runs": DataFrame, "traveling": DataFrame,
     "roi_files": [...], "latent": dict (balanced accuracy, chance), "notes": [...]}``.
@@ -160,14 +181,19 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
                                   scale_residual=conversion == "location-scale")
         centre = np.zeros(fit.mask.shape + (n_per_voxel,))
         centre[fit.mask] = decoded[:, :n_per_voxel]
-        harmonized = SHFit.from_features(centre, fit.mask, [bvalue], [order])
         # the run's directions of its shell nearest to the common b-value, at that b-value
         groups_b = find_shells(dwi.bvals, shell_tol=fit.shell_tol)
         near_b, idx = min(groups_b, key=lambda g: abs(g[0] - bvalue))
         b0_idx = np.flatnonzero(dwi.bvals < 50)
         bvals = np.r_[dwi.bvals[b0_idx], np.full(len(idx), bvalue)]
         bvecs = np.vstack([dwi.bvecs[b0_idx], dwi.bvecs[idx]])
-        signal = harmonized.predict(bvals[len(b0_idx):], bvecs[len(b0_idx):], b0=fit.b0)
+        if conversion == "decode":  # the decoded signal itself (Moyer et al.)
+            harmonized = SHFit.from_features(centre, fit.mask, [bvalue], [order])
+            signal = harmonized.predict(bvals[len(b0_idx):], bvecs[len(b0_idx):], b0=fit.b0)
+        else:  # the measured signal plus the change of the SH signal (see the docstring)
+            change = SHFit.from_features(centre - vol, fit.mask, [bvalue], [order])
+            signal = (_measured_at(dwi.data[..., idx], fit.b0, near_b, bvalue, fit.mask)
+                      + change.predict(bvals[len(b0_idx):], bvecs[len(b0_idx):], b0=fit.b0))
         data = np.concatenate([dwi.data[..., b0_idx], np.clip(signal, 0, None)], axis=-1)
         data[~fit.mask] = 0.0
         if abs(near_b - bvalue) > 0.25 * bvalue:
