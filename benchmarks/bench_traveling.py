@@ -45,6 +45,9 @@ BIN = Path(sys.executable).parent
 VARIANTS = {
     "rish-plain": dict(kind="rish", covariates=()),
     "rish-projection": dict(kind="rish", covariates=(), resynthesis="projection"),
+    "rish-published": dict(kind="rish", covariates=(), resynthesis="projection",
+                           bvalue_mapping=False),
+    "rish-nomap": dict(kind="rish", covariates=(), bvalue_mapping=False),
     "rish-adjusted": dict(kind="rish", covariates=("age", "sex", "dx")),
     "rish-controls": dict(kind="rish", covariates=("age", "sex"), template_subjects="dx=0"),
     "rish-plain-8mm": dict(kind="rish", covariates=(), smoothing_fwhm=8.0),
@@ -134,7 +137,8 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
         res = rish_study(ds, deriv, covariates=list(spec["covariates"]),
                          template_subjects=spec.get("template_subjects"),
                          smoothing_fwhm=spec.get("smoothing_fwhm", 4.0),
-                         resynthesis=spec.get("resynthesis", "residual"), write=write,
+                         resynthesis=spec.get("resynthesis", "residual"),
+                         bvalue_mapping=spec.get("bvalue_mapping", True), write=write,
                          progress=False, roi_dir=vdir / "tbss")
     else:
         torch.manual_seed(seed)

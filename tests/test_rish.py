@@ -331,3 +331,44 @@ def test_cli_rish_smoothing_option_reaches_the_interface_and_the_sidecars():
     assert RISHStudy().inputs.smoothing == "tissue"
     with pytest.raises(_UsageError, match="invalid choice: 'gaussian'"):
         parser.parse_args(["bids", "out", "group", "--rish-smoothing", "gaussian"])
+
+
+def test_bvalue_mapping_before_scaling():
+    """A b=800 scan of the reference's tensors: mapped onto b=1000 (mono-exponential, exact for
+    a single tensor) its RISH features equal the reference's, the scales are 1 and the
+    harmonized scan is the reference's b=1000 signal, written with b=1000. The per-order scaling
+    alone (no mapping) cannot follow the exponent, which acts on each direction differently."""
+    from dmriharmony.harmonizers.rish import map_shells
+
+    bvals, bvecs = _scheme(30, 1000.0)
+    mask = np.ones(SHAPE, bool)
+    ref = _tensor_dwi(bvals, bvecs)
+    b800 = np.where(bvals > 0, 800.0, 0.0)
+    tgt = _tensor_dwi(b800, bvecs)
+
+    def target(b):
+        return 1000.0 if abs(b - 1000.0) <= 250.0 else None
+
+    mapped, new_b, notes = map_shells(tgt, b800, mask, target)
+    np.testing.assert_allclose(mapped, ref, rtol=1e-6)
+    np.testing.assert_array_equal(new_b, bvals)
+    assert notes == ["shell b=800 mapped to b=1000 (mono-exponential)"]
+    same, b_same, none = map_shells(ref, bvals, mask, target)
+    assert none == [] and same is not None
+    np.testing.assert_array_equal(same, ref)
+    feats = [rish_maps(fit_shells(ref, bvals, bvecs, mask, smooth=0.0)),
+             rish_maps(fit_shells(mapped, new_b, bvecs, mask, smooth=0.0))]
+    h = RISHHarmonizer("ref", smoothing_fwhm=0.0, clip=(0.1, 10)).fit(
+        feats, ["ref", "tgt"], mask)
+    np.testing.assert_allclose(h.scale_maps("tgt")[1000.0], 1.0, rtol=1e-6)
+    out, b_out, _ = harmonize_dwi(tgt, b800, bvecs, mask, h.scale_maps("tgt"), h.match_bvalue)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    np.testing.assert_array_equal(b_out, bvals)
+    # without the mapping, templates of the unmapped b=800 signal and per-order scales only
+    raw = [feats[0], rish_maps(fit_shells(tgt, b800, bvecs, mask, smooth=0.0))]
+    g = RISHHarmonizer("ref", smoothing_fwhm=0.0, clip=(0.1, 10)).fit(raw, ["ref", "tgt"], mask)
+    scaled, _, _ = harmonize_dwi(tgt, b800, bvecs, mask, g.scale_maps("tgt"), g.match_bvalue,
+                                 bvalue_mapping=False)
+    assert np.abs(scaled - ref)[..., 1:].max() > 20 * np.abs(out - ref)[..., 1:].max() + 1.0
+    with pytest.raises(HarmonizationError, match="needs b=0 volumes"):
+        map_shells(tgt[..., 1:], b800[1:], mask, target)

@@ -81,6 +81,12 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                         "change of the fitted signal to the measured DWI, so that what a "
                         "low-order fit of few directions cannot hold is kept; 'projection' "
                         "writes the scaled SH signal itself, as published")
+    r.add_argument("--rish-bvalue-mapping", choices=["mono-exponential", "none"],
+                   default="mono-exponential",
+                   help="map each shell matched to a reference shell of another b-value (e.g. "
+                        "b=800 against 1000) onto it with the mono-exponential rule before the "
+                        "RISH features and the scaling (default, Cetin Karayumak et al. 2019), "
+                        "or leave the b-value difference to the scaling ('none')")
     v = p.add_argument_group("VAE (--harmonizers vae; Moyer et al. 2020)")
     v.add_argument("--vae-target-site", default=None,
                    help="decode every run with this site's code (default: the site-average "
@@ -137,7 +143,8 @@ def group_options(args: argparse.Namespace) -> dict:
             **({"RISH": {"Covariates": _rish_covariates(args),
                          "TemplateSubjects": args.rish_template_subjects or "all",
                          "Smoothing": args.rish_smoothing,
-                         "Resynthesis": args.rish_resynthesis}}
+                         "Resynthesis": args.rish_resynthesis,
+                         "BValueMapping": args.rish_bvalue_mapping}}
                if "rish" in _split(args.harmonizers) else {}),
             **({"VAE": {"Mode": args.vae_mode, "TargetSite": args.vae_target_site or
                         "site average", "VoxelsPerRun": args.vae_voxels_per_run,
@@ -317,7 +324,8 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
     rish_options = {"covariates": _rish_covariates(args),
                     "template_subjects": args.rish_template_subjects,
                     "smoothing": args.rish_smoothing,
-                    "resynthesis": args.rish_resynthesis}
+                    "resynthesis": args.rish_resynthesis,
+                    "bvalue_mapping": args.rish_bvalue_mapping}
     wf = init_group_wf(harmonizers=names, covariates=covariates, effect=args.effect,
                        metrics=features, ref_site=args.reference_site, seed=args.seed,
                        evaluate=models is None, report=not args.no_report,

@@ -347,12 +347,24 @@ def template_covariates(participants_tsv: str | Path, subjects: list[str],
     return keep, cov_matrix, names, notes
 
 
+def _reference_bvalues(runs: list[RISHRun]) -> list[float]:
+    """The shells (mean b-values, rounded) of the reference site's template runs."""
+    from dmriharmony.sh.fit import find_shells
+
+    out: set[float] = set()
+    for run in runs:
+        bvals = np.loadtxt(run.bval, ndmin=1)
+        out.update(round(float(b), 1) for b, _ in find_shells(bvals))
+    return sorted(out)
+
+
 def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: str | None = None,
                covariates: list[str] | tuple[str, ...] = (), template_subjects: str | None = None,
                template_source: str = "phantom", template_dir: str | None = None,
                bmax: float = 1500.0, b_round: float = 50.0, fit_method: str = "wls",
                smoothing_fwhm: float = 4.0, sh_smooth: float = 0.0,
                tissue_aware_smoothing: bool = True, resynthesis: str = "residual",
+               bvalue_mapping: bool = True,
                write: Callable[[Path, nib.Nifti1Image], None] | None = None,
                progress: bool = True,
                roi_dir: str | Path | None = None) -> dict:
@@ -374,12 +386,21 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     False smooths over the whole mask. ``resynthesis``: ``"residual"`` (default) writes the
     measured DWI plus the change of the fitted SH signal, ``"projection"`` the scaled SH signal
     itself, as published (:func:`dmriharmony.harmonizers.rish.harmonize_dwi`).
+    ``bvalue_mapping``: map every shell matched to a reference shell of another b-value onto
+    it (mono-exponential rule, :func:`dmriharmony.harmonizers.rish.map_shells`) before the
+    features and the scaling (default); False leaves the b-value difference to the scaling.
     Returns ``{"model": RISHHarmonizer, "runs":
     DataFrame, "traveling": DataFrame, "roi_files": [...], "notes": [...]}``.
     """
     from tqdm import tqdm
 
-    from dmriharmony.harmonizers.rish import RESYNTHESIS, RISHHarmonizer, harmonize_dwi, rish_maps
+    from dmriharmony.harmonizers.rish import (
+        RESYNTHESIS,
+        RISHHarmonizer,
+        harmonize_dwi,
+        map_shells,
+        rish_maps,
+    )
     from dmriharmony.tbss.templates import load_template
 
     def _save(path: Path, img: nib.Nifti1Image) -> None:
@@ -392,28 +413,47 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     write = write or _save
     runs = collect_rish_runs(bids_dir, deriv_dir)
     template = load_template(template_source, template_dir)
+    from dmriharmony.sh.fit import fit_shells
+
     regs = {}
     feats, sites, subjects = [], [], []
     notes: list[str] = [f"rish: re-synthesis {resynthesis}"]
+    template_runs = [r for r in runs if not r.traveling]
+    keep, cov, cov_names, cov_notes = template_covariates(
+        Path(bids_dir) / "participants.tsv", [r.subject for r in template_runs],
+        list(covariates), template_subjects)
+    notes.extend(cov_notes)
+    template_runs = [r for r, k in zip(template_runs, keep, strict=True) if k]
+    # b-value mapping (Cetin Karayumak et al. 2019): every run's shells matched to a shell of
+    # the reference site are mapped onto its b-value before the features and the scaling
+    probe = RISHHarmonizer(reference_site, smoothing_fwhm=smoothing_fwhm,
+                           tissue_aware=tissue_aware_smoothing)
+    ref_site = reference_site or probe.default_reference([r.site for r in template_runs])
+    ref_b = _reference_bvalues([r for r in template_runs if r.site == ref_site])
+    if not ref_b:
+        raise HarmonizationError(f"RISH reference site {ref_site!r} has no template runs "
+                                 f"(sites: {', '.join(sorted({r.site for r in runs}))})")
+
+    def target_bvalue(b: float) -> float | None:
+        near = min(ref_b, key=lambda r: abs(r - b))
+        return near if abs(near - b) <= probe.bvalue_tol * near else None
+
+    selected = {id(r) for r in template_runs}
     for run in tqdm(runs, desc="RISH features", disable=not progress):
         dwi, mask = _load(run)
-        from dmriharmony.sh.fit import fit_shells
-
-        fit = fit_shells(dwi.data, dwi.bvals, dwi.bvecs, mask, smooth=sh_smooth)
+        data, bvals, map_notes = (map_shells(dwi.data, dwi.bvals, mask, target_bvalue)
+                                  if bvalue_mapping else (dwi.data, dwi.bvals, []))
+        if map_notes and id(run) in selected:
+            notes.extend(f"rish: {run.prefix}: {n}" for n in map_notes)
+        fit = fit_shells(data, bvals, dwi.bvecs, mask, smooth=sh_smooth)
         reg = regs[run.prefix] = _registration(run, template)
-        maps = {b: np.stack([reg.transform(m[..., k]) for k in range(m.shape[-1])], axis=-1)
-                for b, m in rish_maps(fit).items()}
-        if not run.traveling:
+        if id(run) in selected:
+            maps = {b: np.stack([reg.transform(m[..., k]) for k in range(m.shape[-1])],
+                                axis=-1) for b, m in rish_maps(fit).items()}
             feats.append(maps)
             sites.append(run.site)
             subjects.append(run.subject)
-    keep, cov, cov_names, cov_notes = template_covariates(
-        Path(bids_dir) / "participants.tsv", subjects, list(covariates), template_subjects)
-    notes.extend(cov_notes)
-    feats = [f for f, k in zip(feats, keep, strict=True) if k]
-    sites = [s for s, k in zip(sites, keep, strict=True) if k]
-    model = RISHHarmonizer(reference_site, smoothing_fwhm=smoothing_fwhm,
-                           tissue_aware=tissue_aware_smoothing).fit(
+    model = probe.fit(
         feats, sites, template.mask, voxel_size=np.abs(np.diag(template.affine)[:3]),
         covariates=cov, covariate_names=cov_names)
     if cov_names:
@@ -432,7 +472,8 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
                   for b, s in model.scale_maps(run.site).items()}
         data, bvals, run_notes = harmonize_dwi(dwi.data, dwi.bvals, dwi.bvecs, mask, scales,
                                                model.match_bvalue, smooth=sh_smooth,
-                                               resynthesis=resynthesis)
+                                               resynthesis=resynthesis,
+                                               bvalue_mapping=bvalue_mapping)
         notes.extend(f"rish: {run.prefix}: {n}" for n in run_notes)
         tm = _refit(data, bvals, dwi.bvecs, mask, bmax, b_round, fit_method)
         acc.add(run, tm, dwi.affine, reg)

@@ -35,10 +35,11 @@ import numpy as np
 from scipy import ndimage
 
 from dmriharmony.errors import HarmonizationError
-from dmriharmony.sh.fit import SHFit, fit_shells
+from dmriharmony.sh.fit import B0_THRESHOLD, SHELL_TOL, SHFit, find_shells, fit_shells
 from dmriharmony.sh.rish import rish_features, scale_by_order
 
-__all__ = ["RESYNTHESIS", "RISHHarmonizer", "harmonize_dwi", "rish_maps", "signal_classes"]
+__all__ = ["RESYNTHESIS", "RISHHarmonizer", "harmonize_dwi", "map_shells", "rish_maps",
+           "signal_classes"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class RISHHarmonizer:
             raise HarmonizationError(f"RISH needs at least two sites, got {list(counts)}")
         ref = self.reference_site
         if ref is None:
-            ref = max(sorted(counts), key=lambda s: counts[s])
+            ref = self.default_reference(sites)
         if ref not in counts:
             raise HarmonizationError(f"reference site {ref!r} is not one of the sites "
                                      f"{', '.join(counts)}")
@@ -235,6 +236,14 @@ class RISHHarmonizer:
             LOGGER.warning("RISH: site %s shell(s) b=%s have no reference shell (reference "
                            "b-values %s): left unharmonized", site, bs, ref_b)
         return self
+
+    @staticmethod
+    def default_reference(sites: Sequence[str]) -> str:
+        """The site with most scans (ties: the first by name): the default reference."""
+        counts = {s: list(sites).count(s) for s in sorted(set(map(str, sites)))}
+        if not counts:
+            raise HarmonizationError("no scans to choose a RISH reference site from")
+        return max(sorted(counts), key=lambda s: counts[s])
 
     def match_bvalue(self, bvalue: float) -> float | None:
         """The reference shell a target shell of ``bvalue`` is mapped to (None: no match)."""
@@ -380,6 +389,46 @@ def _predict_shell(fit: SHFit, shell, coeffs: np.ndarray, bvals: np.ndarray,
     return single.predict(bvals, bvecs)
 
 
+def map_shells(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, target_bvalue,
+               *, shell_tol: float = SHELL_TOL, rel_tol: float = 0.01,
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Map each shell onto the reference b-value it is matched to (mono-exponential rule).
+
+    A shell of b-value ``b`` whose reference shell ``b_ref = target_bvalue(b)`` differs by more
+    than ``rel_tol`` (relative) gets ``S0 (S / S0)^(b_ref / b)`` per direction inside ``mask``
+    (``S0``: the scan's mean b=0 signal), and ``b_ref`` as its b-value: the b-value mapping of
+    Cetin Karayumak et al. (*NeuroImage* 2019), done before the RISH features are computed
+    and before the scaling, so that the scale maps only carry what the b-value does not
+    explain (at b=800 vs 1000 the per-order scaling alone cannot follow the exponent, which
+    acts differently on every direction). Shells without a reference (``None``) and shells
+    already at their reference b-value are left as they are.
+
+    Returns the mapped DWI (float), the new b-values and notes.
+    """
+    data = np.asarray(data, dtype=float)
+    bvals = np.asarray(bvals, dtype=float).ravel()
+    mask = np.asarray(mask, bool)
+    b0 = bvals <= B0_THRESHOLD
+    if not b0.any():
+        raise HarmonizationError("b-value mapping needs b=0 volumes (none found)")
+    s0 = data[..., b0].mean(axis=-1)
+    ok = mask & (s0 > 0)
+    out, new_bvals, notes = data, bvals.copy(), []
+    for b, idx in find_shells(bvals, shell_tol=shell_tol):
+        ref = target_bvalue(b)
+        if ref is None or abs(ref - b) <= rel_tol * ref:
+            continue
+        if out is data:
+            out = data.copy()
+        e = np.clip(data[ok][:, idx] / s0[ok][:, None], 1e-6, None)
+        block = out[..., idx]
+        block[ok] = s0[ok][:, None] * e ** (ref / b)
+        out[..., idx] = block
+        new_bvals[idx] = ref
+        notes.append(f"shell b={b:g} mapped to b={ref:g} (mono-exponential)")
+    return out, new_bvals, notes
+
+
 #: How :func:`harmonize_dwi` writes the scaled signal: ``projection`` (as published) or
 #: ``residual`` (the measured signal plus the change of the fitted SH signal).
 RESYNTHESIS = ("residual", "projection")
@@ -388,6 +437,7 @@ RESYNTHESIS = ("residual", "projection")
 def harmonize_dwi(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
                   scales: Mapping[float, np.ndarray], match_bvalue,
                   *, max_order: int = 8, smooth: float = 0.0, resynthesis: str = "residual",
+                  bvalue_mapping: bool = True,
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Scale a scan's SH coefficients order by order and re-synthesise its DWI.
 
@@ -411,6 +461,8 @@ def harmonize_dwi(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: 
         measured signal plus the change of the fitted signal, ``S + B (C' - C)``: unit scales
         return the scan unchanged, and only the RISH scaling is applied. Our choice, not in the
         papers (``tests/test_rish.py`` measures the projection bias).
+    bvalue_mapping : map matched shells onto their reference b-value first (:func:`map_shells`;
+        default). Otherwise the scaling alone takes a shell to the reference b-value.
 
     Returns
     -------
@@ -423,10 +475,12 @@ def harmonize_dwi(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: 
     data = np.asarray(data, dtype=float)
     bvals = np.asarray(bvals, dtype=float).ravel()
     mask = np.asarray(mask, bool)
+    notes = []
+    if bvalue_mapping:
+        data, bvals, notes = map_shells(data, bvals, mask, match_bvalue)
     fit = fit_shells(data, bvals, bvecs, mask, max_order=max_order, smooth=smooth)
     out = data.copy()
     new_bvals = bvals.copy()
-    notes = []
     from dmriharmony.sh.fit import find_shells
 
     groups = dict((round(b, 6), idx) for b, idx in find_shells(bvals, shell_tol=fit.shell_tol))

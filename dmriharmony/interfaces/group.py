@@ -205,6 +205,9 @@ class _RISHStudyInputSpec(_RISHInputSpec):
                               desc="residual: the measured DWI plus the change of the fitted "
                                    "SH signal; projection: the scaled SH signal itself (as "
                                    "published)")
+    bvalue_mapping = traits.Enum("mono-exponential", "none", usedefault=True,
+                                 desc="map shells onto the reference site's b-values before "
+                                      "RISH (mono-exponential rule) or leave it to the scaling")
 
 
 class _RISHOutputSpec(TraitedSpec):
@@ -236,6 +239,7 @@ class RISHStudy(SimpleInterface):
                           template_dir=_opt(self.inputs.template_dir), write=write,
                           tissue_aware_smoothing=self.inputs.smoothing == "tissue",
                           resynthesis=self.inputs.resynthesis,
+                          bvalue_mapping=self.inputs.bvalue_mapping != "none",
                           roi_dir=roi_dir, progress=False)
 
     def _run_interface(self, runtime):

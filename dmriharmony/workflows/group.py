@@ -73,7 +73,8 @@ def init_group_wf(
         the subjects the templates are built from, e.g. ``dx=0``; ``smoothing``: ``tissue``
         (default, scale maps smoothed within tissue and free-water-like voxels separately) or
         ``mask`` (one smoothing over the brain mask); ``resynthesis``: ``residual`` (default)
-        or ``projection``, :func:`dmriharmony.harmonizers.rish.harmonize_dwi`).
+        or ``projection``, :func:`dmriharmony.harmonizers.rish.harmonize_dwi`;
+        ``bvalue_mapping``: ``mono-exponential`` (default) or ``none``).
     name : workflow name.
 
     Inputs (``inputnode``)
