@@ -56,6 +56,9 @@ VARIANTS = {
     "vae-decode": dict(kind="vae", conversion="decode"),
     "vae-residual": dict(kind="vae", conversion="residual"),
     "vae-location-scale": dict(kind="vae", conversion="location-scale"),
+    "vae-residual-signal": dict(kind="vae", conversion="residual", resynthesis="residual"),
+    "vae-location-scale-signal": dict(kind="vae", conversion="location-scale",
+                                      resynthesis="residual"),
 }
 
 
@@ -145,6 +148,7 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
         res = vae_study(ds, deriv, seed=seed, config=small_config(seed=seed,
                                                                   mode="site_adversary"),
                         conversion=spec["conversion"], model=vae_models.get("model"),
+                        resynthesis=spec.get("resynthesis", "projection"),
                         write=write, progress=False, roi_dir=vdir / "tbss")
         vae_models.setdefault("model", res["model"])
         vae_models.setdefault("latent", res["latent"])
@@ -236,6 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if "8mm" not in v),
                     help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "traveling.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other variants' rows of an earlier run in <workdir> and "
+                         "replace only those run now")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the table from <workdir>/traveling_*.tsv of an earlier run")
     args = ap.parse_args(argv)
@@ -272,8 +279,18 @@ def main(argv=None) -> int:
             latent = res["latent"]
         print(f"{name}: {res['wall_s']:.0f} s", flush=True)
     scores = pd.concat(rows, ignore_index=True)
-    scores.to_csv(work / "traveling_scores.tsv", sep="\t", index=False)
     dx = pd.concat(dx_rows, ignore_index=True)
+    if args.merge and (work / "traveling_scores.tsv").is_file():
+        done = set(scores["variant"])
+        old = pd.read_csv(work / "traveling_scores.tsv", sep="\t")
+        old_dx = pd.read_csv(work / "traveling_dx.tsv", sep="\t")
+        scores = pd.concat([old[~old["variant"].isin(done)], scores], ignore_index=True)
+        dx = pd.concat([old_dx[~old_dx["variant"].isin(done)], dx], ignore_index=True)
+        meta = json.loads((work / "traveling_meta.json").read_text())
+        walls = {**{k: v for k, v in meta["walls"].items() if k not in done}, **walls}
+        latent = latent or meta.get("latent", {})
+        prep["times"] = prep["times"] or meta.get("times", {})
+    scores.to_csv(work / "traveling_scores.tsv", sep="\t", index=False)
     dx.to_csv(work / "traveling_dx.tsv", sep="\t", index=False)
     (work / "traveling_meta.json").write_text(json.dumps(
         {"walls": walls, "latent": latent, "times": prep["times"]}, indent=1))

@@ -71,7 +71,8 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
               bvalue: float = 1000.0, max_order: int = 8, voxels_per_run: int = 4000,
               config=None, seed: int = 0, device: str = "cpu", bmax: float = 1500.0,
               b_round: float = 50.0, fit_method: str = "wls", conversion: str = "decode",
-              model=None, write: Callable[[Path, nib.Nifti1Image], None] | None = None,
+              model=None, resynthesis: str = "projection",
+              write: Callable[[Path, nib.Nifti1Image], None] | None = None,
               progress: bool = True, roi_dir: str | Path | None = None) -> dict:
     """Train the VAE on the study and harmonize every run (see the module docstring).
 
@@ -84,11 +85,16 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
     :class:`~dmriharmony.harmonizers.vae.SiteInvariantVAE` (e.g. loaded from a checkpoint) to
     convert with instead of training one; it must know the study's sites and representation.
 
-    The residual conversions are applied to the measured signal, not to its SH projection:
-    the written DWI is the run's own shell (mapped to ``bvalue`` when its b-value differs) plus
-    the change of the SH signal, ``S + B (C_out - C)``, so that what the common low-order SH
+    ``resynthesis`` (residual conversions only; ``decode`` always writes ``B C_out``, as
+    published): ``"projection"`` (default) writes the harmonized SH signal ``B C_out`` on the
+    run's directions, so every run is refitted from the same common low-order representation;
+    ``"residual"`` writes the run's measured shell (mapped to ``bvalue`` when its b-value
+    differs) plus the change of the SH signal, ``S + B (C_out - C)``, which keeps what the
     representation cannot hold (at order 2, a single fibre's order >= 4 signal: dropping it
-    lowers the refitted FA by ~0.01-0.03) is kept; ``decode`` writes ``B C_out`` (as published).
+    lowers the refitted FA by ~0.01-0.03) but also each gradient table's own sampling of it.
+    On the traveling study (``benchmarks/results/traveling.md``) the projection removed more of
+    the FA site effect: the common representation also takes away the part of the site effect
+    that comes from fitting the tensor to a non-Gaussian signal on different direction sets.
 
     Returns ``{"model": SiteInvariantVAE, "runs": DataFrame, "traveling": DataFrame,
     "roi_files": [...], "latent": dict (balanced accuracy, chance), "notes": [...]}``.
@@ -107,6 +113,9 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(path))
 
+    if resynthesis not in ("projection", "residual"):
+        raise HarmonizationError(f"VAE re-synthesis must be 'projection' or 'residual', got "
+                                 f"{resynthesis!r}")
     if conversion not in CONVERSIONS:
         raise HarmonizationError(f"VAE conversion must be one of {', '.join(CONVERSIONS)}, got "
                                  f"{conversion!r}")
@@ -187,7 +196,7 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
         b0_idx = np.flatnonzero(dwi.bvals < 50)
         bvals = np.r_[dwi.bvals[b0_idx], np.full(len(idx), bvalue)]
         bvecs = np.vstack([dwi.bvecs[b0_idx], dwi.bvecs[idx]])
-        if conversion == "decode":  # the decoded signal itself (Moyer et al.)
+        if conversion == "decode" or resynthesis == "projection":  # the harmonized SH signal
             harmonized = SHFit.from_features(centre, fit.mask, [bvalue], [order])
             signal = harmonized.predict(bvals[len(b0_idx):], bvecs[len(b0_idx):], b0=fit.b0)
         else:  # the measured signal plus the change of the SH signal (see the docstring)
