@@ -333,6 +333,35 @@ def test_cli_rish_smoothing_option_reaches_the_interface_and_the_sidecars():
         parser.parse_args(["bids", "out", "group", "--rish-smoothing", "gaussian"])
 
 
+def test_cli_resynthesis_mapping_and_vae_conversion_reach_the_interfaces_and_sidecars():
+    from dmriharmony.cli.group import group_options
+    from dmriharmony.cli.run import _UsageError, build_parser
+    from dmriharmony.interfaces.group import RISHStudy, VAEStudy
+
+    parser = build_parser()
+    args = parser.parse_args(["bids", "out", "group", "--harmonizers", "rish,vae"])
+    opts = group_options(args)
+    assert opts["RISH"]["Resynthesis"] == "residual"
+    assert opts["RISH"]["BValueMapping"] == "mono-exponential"
+    assert opts["VAE"]["Conversion"] == "decode"
+    args = parser.parse_args(["bids", "out", "group", "--harmonizers", "rish,vae",
+                              "--rish-resynthesis", "projection", "--rish-bvalue-mapping",
+                              "none", "--vae-conversion", "location-scale"])
+    opts = group_options(args)
+    assert (opts["RISH"]["Resynthesis"], opts["RISH"]["BValueMapping"]) == ("projection", "none")
+    assert opts["VAE"]["Conversion"] == "location-scale"
+    r = RISHStudy(resynthesis="projection", bvalue_mapping="none")
+    assert (r.inputs.resynthesis, r.inputs.bvalue_mapping) == ("projection", "none")
+    assert RISHStudy().inputs.resynthesis == "residual"
+    assert VAEStudy(conversion="location-scale").inputs.conversion == "location-scale"
+    assert opts["VAE"]["Resynthesis"] == "projection"
+    assert VAEStudy(vae_resynthesis="residual").inputs.vae_resynthesis == "residual"
+    for bad in (["--rish-resynthesis", "decode"], ["--vae-conversion", "scale"],
+                ["--rish-bvalue-mapping", "linear"]):
+        with pytest.raises(_UsageError, match="invalid choice"):
+            parser.parse_args(["bids", "out", "group", *bad])
+
+
 def test_bvalue_mapping_before_scaling():
     """A b=800 scan of the reference's tensors: mapped onto b=1000 (mono-exponential, exact for
     a single tensor) its RISH features equal the reference's, the scales are 1 and the

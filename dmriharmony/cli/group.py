@@ -102,6 +102,12 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                         "x + D(z, target) - D(z, source), which keeps each scan's own detail; "
                         "location-scale: the residual x - D(z, source) also rescaled to the "
                         "target site's noise level (ComBat's location/scale model in the VAE)")
+    v.add_argument("--vae-resynthesis", choices=["projection", "residual"],
+                   default="projection",
+                   help="residual conversions: write the harmonized SH signal on the run's "
+                        "directions (default 'projection': every run refitted from the same "
+                        "common representation) or the measured shell plus the change of its "
+                        "SH signal ('residual')")
     v.add_argument("--vae-voxels-per-run", type=int, default=4000,
                    help="training voxels sampled per run (default 4000)")
     v.add_argument("--device", default="cpu",
@@ -149,6 +155,7 @@ def group_options(args: argparse.Namespace) -> dict:
             **({"VAE": {"Mode": args.vae_mode, "TargetSite": args.vae_target_site or
                         "site average", "VoxelsPerRun": args.vae_voxels_per_run,
                         "Conversion": args.vae_conversion,
+                        "Resynthesis": args.vae_resynthesis,
                         "Device": args.device}}
                if "vae" in _split(args.harmonizers) else {})}
 
@@ -313,6 +320,7 @@ def run_group(args: argparse.Namespace, *, plugin: str, plugin_args: dict,
                 ", ".join(names))
     vae_options = {"mode": args.vae_mode, "device": args.device,
                    "conversion": args.vae_conversion,
+                   "vae_resynthesis": args.vae_resynthesis,
                    "voxels_per_run": args.vae_voxels_per_run}
     if args.vae_target_site:
         vae_options["target_site"] = args.vae_target_site

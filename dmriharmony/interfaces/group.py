@@ -293,6 +293,9 @@ class _VAEInputSpec(_RISHInputSpec):
                              desc="decode: D(z, target) (Moyer et al.); residual: "
                                   "x + D(z, target) - D(z, source); location-scale: "
                                   "D(z, target) + (x - D(z, source)) r_target / r_source")
+    vae_resynthesis = traits.Enum("projection", "residual", usedefault=True,
+                                  desc="residual conversions: write the harmonized SH signal "
+                                       "(projection) or the measured shell plus its change")
 
 
 class VAEStudy(RISHStudy):
@@ -313,4 +316,5 @@ class VAEStudy(RISHStudy):
                          voxels_per_run=self.inputs.voxels_per_run, device=self.inputs.device,
                          config=small_config(seed=self.inputs.seed, mode=self.inputs.mode),
                          conversion=self.inputs.conversion,
+                         resynthesis=self.inputs.vae_resynthesis,
                          write=write, roi_dir=roi_dir, progress=False)

@@ -67,7 +67,7 @@ def init_group_wf(
     evaluate, report : write the evaluation table / report.html.
     options : shown in the report's options table.
     vae_options : :class:`~dmriharmony.interfaces.group.VAEStudy` inputs (``target_site``,
-        ``mode``, ``device``, ``voxels_per_run``).
+        ``mode``, ``device``, ``voxels_per_run``, ``conversion``, ``vae_resynthesis``).
     rish_options : :class:`~dmriharmony.interfaces.group.RISHStudy` inputs (``covariates``:
         the columns the site templates are adjusted for, default none; ``template_subjects``:
         the subjects the templates are built from, e.g. ``dx=0``; ``smoothing``: ``tissue``
