@@ -44,10 +44,8 @@ BIN = Path(sys.executable).parent
 
 VARIANTS = {
     "rish-plain": dict(kind="rish", covariates=()),
-    "rish-projection": dict(kind="rish", covariates=(), resynthesis="projection"),
-    "rish-published": dict(kind="rish", covariates=(), resynthesis="projection",
-                           bvalue_mapping=False),
-    "rish-nomap": dict(kind="rish", covariates=(), bvalue_mapping=False),
+    "rish-published": dict(kind="rish", covariates=(), resynthesis="projection"),
+    "rish-bvalue-map": dict(kind="rish", covariates=(), bvalue_mapping=True),
     "rish-adjusted": dict(kind="rish", covariates=("age", "sex", "dx")),
     "rish-controls": dict(kind="rish", covariates=("age", "sex"), template_subjects="dx=0"),
     "rish-plain-8mm": dict(kind="rish", covariates=(), smoothing_fwhm=8.0),
@@ -141,7 +139,7 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
                          template_subjects=spec.get("template_subjects"),
                          smoothing_fwhm=spec.get("smoothing_fwhm", 4.0),
                          resynthesis=spec.get("resynthesis", "residual"),
-                         bvalue_mapping=spec.get("bvalue_mapping", True), write=write,
+                         bvalue_mapping=spec.get("bvalue_mapping", False), write=write,
                          progress=False, roi_dir=vdir / "tbss")
     else:
         torch.manual_seed(seed)

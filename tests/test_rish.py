@@ -342,13 +342,14 @@ def test_cli_resynthesis_mapping_and_vae_conversion_reach_the_interfaces_and_sid
     args = parser.parse_args(["bids", "out", "group", "--harmonizers", "rish,vae"])
     opts = group_options(args)
     assert opts["RISH"]["Resynthesis"] == "residual"
-    assert opts["RISH"]["BValueMapping"] == "mono-exponential"
+    assert opts["RISH"]["BValueMapping"] == "none"
     assert opts["VAE"]["Conversion"] == "decode"
     args = parser.parse_args(["bids", "out", "group", "--harmonizers", "rish,vae",
                               "--rish-resynthesis", "projection", "--rish-bvalue-mapping",
-                              "none", "--vae-conversion", "location-scale"])
+                              "mono-exponential", "--vae-conversion", "location-scale"])
     opts = group_options(args)
-    assert (opts["RISH"]["Resynthesis"], opts["RISH"]["BValueMapping"]) == ("projection", "none")
+    assert (opts["RISH"]["Resynthesis"], opts["RISH"]["BValueMapping"]) == (
+        "projection", "mono-exponential")
     assert opts["VAE"]["Conversion"] == "location-scale"
     r = RISHStudy(resynthesis="projection", bvalue_mapping="none")
     assert (r.inputs.resynthesis, r.inputs.bvalue_mapping) == ("projection", "none")
@@ -390,14 +391,14 @@ def test_bvalue_mapping_before_scaling():
     h = RISHHarmonizer("ref", smoothing_fwhm=0.0, clip=(0.1, 10)).fit(
         feats, ["ref", "tgt"], mask)
     np.testing.assert_allclose(h.scale_maps("tgt")[1000.0], 1.0, rtol=1e-6)
-    out, b_out, _ = harmonize_dwi(tgt, b800, bvecs, mask, h.scale_maps("tgt"), h.match_bvalue)
+    out, b_out, _ = harmonize_dwi(tgt, b800, bvecs, mask, h.scale_maps("tgt"), h.match_bvalue,
+                                  bvalue_mapping=True)
     np.testing.assert_allclose(out, ref, rtol=1e-5)
     np.testing.assert_array_equal(b_out, bvals)
     # without the mapping, templates of the unmapped b=800 signal and per-order scales only
     raw = [feats[0], rish_maps(fit_shells(tgt, b800, bvecs, mask, smooth=0.0))]
     g = RISHHarmonizer("ref", smoothing_fwhm=0.0, clip=(0.1, 10)).fit(raw, ["ref", "tgt"], mask)
-    scaled, _, _ = harmonize_dwi(tgt, b800, bvecs, mask, g.scale_maps("tgt"), g.match_bvalue,
-                                 bvalue_mapping=False)
+    scaled, _, _ = harmonize_dwi(tgt, b800, bvecs, mask, g.scale_maps("tgt"), g.match_bvalue)
     assert np.abs(scaled - ref)[..., 1:].max() > 20 * np.abs(out - ref)[..., 1:].max() + 1.0
     with pytest.raises(HarmonizationError, match="needs b=0 volumes"):
         map_shells(tgt[..., 1:], b800[1:], mask, target)

@@ -82,11 +82,11 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                         "low-order fit of few directions cannot hold is kept; 'projection' "
                         "writes the scaled SH signal itself, as published")
     r.add_argument("--rish-bvalue-mapping", choices=["mono-exponential", "none"],
-                   default="mono-exponential",
-                   help="map each shell matched to a reference shell of another b-value (e.g. "
-                        "b=800 against 1000) onto it with the mono-exponential rule before the "
-                        "RISH features and the scaling (default, Cetin Karayumak et al. 2019), "
-                        "or leave the b-value difference to the scaling ('none')")
+                   default="none",
+                   help="'mono-exponential': map each shell matched to a reference shell of "
+                        "another b-value (e.g. b=800 against 1000) onto it before the RISH "
+                        "features and the scaling (Cetin Karayumak et al. 2019); 'none' "
+                        "(default): the scaling alone takes the shell to the reference b-value")
     v = p.add_argument_group("VAE (--harmonizers vae; Moyer et al. 2020)")
     v.add_argument("--vae-target-site", default=None,
                    help="decode every run with this site's code (default: the site-average "

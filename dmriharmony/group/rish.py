@@ -364,7 +364,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
                bmax: float = 1500.0, b_round: float = 50.0, fit_method: str = "wls",
                smoothing_fwhm: float = 4.0, sh_smooth: float = 0.0,
                tissue_aware_smoothing: bool = True, resynthesis: str = "residual",
-               bvalue_mapping: bool = True,
+               bvalue_mapping: bool = False,
                write: Callable[[Path, nib.Nifti1Image], None] | None = None,
                progress: bool = True,
                roi_dir: str | Path | None = None) -> dict:
@@ -388,7 +388,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     itself, as published (:func:`dmriharmony.harmonizers.rish.harmonize_dwi`).
     ``bvalue_mapping``: map every shell matched to a reference shell of another b-value onto
     it (mono-exponential rule, :func:`dmriharmony.harmonizers.rish.map_shells`) before the
-    features and the scaling (default); False leaves the b-value difference to the scaling.
+    features and the scaling; False (default) leaves the b-value difference to the scaling.
     Returns ``{"model": RISHHarmonizer, "runs":
     DataFrame, "traveling": DataFrame, "roi_files": [...], "notes": [...]}``.
     """

@@ -399,9 +399,10 @@ def map_shells(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, target_bva
     (``S0``: the scan's mean b=0 signal), and ``b_ref`` as its b-value: the b-value mapping of
     Cetin Karayumak et al. (*NeuroImage* 2019), done before the RISH features are computed
     and before the scaling, so that the scale maps only carry what the b-value does not
-    explain (at b=800 vs 1000 the per-order scaling alone cannot follow the exponent, which
-    acts differently on every direction). Shells without a reference (``None``) and shells
-    already at their reference b-value are left as they are.
+    explain (exact for a mono-exponential signal, which the per-order scaling alone cannot
+    follow). Shells without a reference (``None``) and shells already at their reference
+    b-value are left as they are. Optional (``bvalue_mapping``): off by default, see
+    :func:`harmonize_dwi`.
 
     Returns the mapped DWI (float), the new b-values and notes.
     """
@@ -437,7 +438,7 @@ RESYNTHESIS = ("residual", "projection")
 def harmonize_dwi(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
                   scales: Mapping[float, np.ndarray], match_bvalue,
                   *, max_order: int = 8, smooth: float = 0.0, resynthesis: str = "residual",
-                  bvalue_mapping: bool = True,
+                  bvalue_mapping: bool = False,
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Scale a scan's SH coefficients order by order and re-synthesise its DWI.
 
@@ -461,8 +462,11 @@ def harmonize_dwi(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: 
         measured signal plus the change of the fitted signal, ``S + B (C' - C)``: unit scales
         return the scan unchanged, and only the RISH scaling is applied. Our choice, not in the
         papers (``tests/test_rish.py`` measures the projection bias).
-    bvalue_mapping : map matched shells onto their reference b-value first (:func:`map_shells`;
-        default). Otherwise the scaling alone takes a shell to the reference b-value.
+    bvalue_mapping : map matched shells onto their reference b-value first (:func:`map_shells`).
+        Default False: the scaling alone takes a shell to the reference b-value (on the
+        traveling-subject phantom the mono-exponential mapping of b=800 onto 1000 left more of
+        the FA site effect: tissue signal is not mono-exponential, and the mapping changes the
+        noise too; ``benchmarks/results/traveling.md``).
 
     Returns
     -------

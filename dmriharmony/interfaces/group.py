@@ -205,7 +205,7 @@ class _RISHStudyInputSpec(_RISHInputSpec):
                               desc="residual: the measured DWI plus the change of the fitted "
                                    "SH signal; projection: the scaled SH signal itself (as "
                                    "published)")
-    bvalue_mapping = traits.Enum("mono-exponential", "none", usedefault=True,
+    bvalue_mapping = traits.Enum("none", "mono-exponential", usedefault=True,
                                  desc="map shells onto the reference site's b-values before "
                                       "RISH (mono-exponential rule) or leave it to the scaling")
 

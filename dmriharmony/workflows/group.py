@@ -74,7 +74,7 @@ def init_group_wf(
         (default, scale maps smoothed within tissue and free-water-like voxels separately) or
         ``mask`` (one smoothing over the brain mask); ``resynthesis``: ``residual`` (default)
         or ``projection``, :func:`dmriharmony.harmonizers.rish.harmonize_dwi`;
-        ``bvalue_mapping``: ``mono-exponential`` (default) or ``none``).
+        ``bvalue_mapping``: ``none`` (default) or ``mono-exponential``).
     name : workflow name.
 
     Inputs (``inputnode``)
