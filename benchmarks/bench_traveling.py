@@ -60,6 +60,31 @@ VARIANTS = {
 }
 
 
+#: What each variant is (written under the tables).
+LEGEND = {
+    "rish-plain": "RISH, plain site means (as published), residual re-synthesis S + B(C' - C) "
+                  "(the default)",
+    "rish-published": "RISH as published: re-synthesis of the scaled SH signal B C' itself",
+    "rish-bvalue-map": "rish-plain with the b-value mapping (b=800 -> 1000, mono-exponential) "
+                       "before the features and the scaling",
+    "rish-adjusted": "rish-plain with site templates adjusted for age, sex, dx",
+    "rish-controls": "rish-plain with site templates from the controls (dx=0) only, adjusted "
+                     "for age and sex",
+    "rish-plain-8mm": "rish-plain with 8 mm scale-map smoothing",
+    "rish-adjusted-8mm": "rish-adjusted with 8 mm scale-map smoothing",
+    "voxel-combat": "voxel ComBat (out of core, parametric EB; age, sex, dx protected) of the "
+                    "template-space FA/MD, fitted on the single-site runs",
+    "vae-decode": "VAE, decoded signal D(z, site average) (Moyer et al. 2020, the default)",
+    "vae-residual": "VAE, x + D(z, t) - D(z, s), re-synthesised from the common SH "
+                    "representation",
+    "vae-location-scale": "VAE, D(z, t) + (x - D(z, s)) r_t / r_s (residual rescaled to the "
+                          "target's noise level), from the common SH representation",
+    "vae-residual-signal": "vae-residual written as the measured shell plus the SH change",
+    "vae-location-scale-signal": "vae-location-scale written as the measured shell plus the "
+                                 "SH change",
+}
+
+
 def _run(cmd: list[str], log: Path) -> float:
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -339,6 +364,8 @@ def write_markdown(args, scores, dx, walls, latent, times, ds) -> None:
                 f"{_fmt(m[f'{p}within_rmse_after'] * scale)} | {_fmt(sb * scale)} | "
                 f"{_fmt(sa * scale)} | {_fmt(1 - sa / sb, True)} | "
                 f"{_fmt(1 - ba / bb, True)} |")
+    lines += ["", "Variants:", ""] + [f"- *{v}*: {LEGEND.get(v, v)}" for v in
+                                      dict.fromkeys(scores["variant"])]
     rois = list(dx["roi"].unique())
     lines += ["", "Diagnosis effect on FA (beta of dx, patients - controls) in the dx ROIs, "
               "pooled OLS on the single-site subjects' TBSS ROI values (before: with site as "
