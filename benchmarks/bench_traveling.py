@@ -338,7 +338,11 @@ def write_markdown(args, scores, dx, walls, latent, times, ds) -> None:
         f"Study: {args.subjects_per_site} single-site subjects per site (GE, Siemens, Philips "
         f"presets, each at its own SNR), {args.traveling} traveling subjects scanned at every "
         f"site and rescanned {args.rescans}x at every site ({n_runs} DWI runs). "
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + ".", "",
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + "."
+        + (" Rows of several invocations on the same workdir (``--merge``): each variant was "
+           "run on the same participant-level outputs; the VAE variants of one invocation "
+           "share one trained model, those of different invocations are retrained with the "
+           "same seed." if getattr(args, "merge", False) else ""), "",
         "Traveling subjects in template white matter (FA >= 0.2). *between*: RMSE between "
         "sessions at different sites; *rescan*: between sessions at the same site (noise, "
         "head pose, registration); *site*: the site-attributable RMSE sqrt(between^2 - "

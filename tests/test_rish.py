@@ -346,18 +346,18 @@ def test_cli_resynthesis_mapping_and_vae_conversion_reach_the_interfaces_and_sid
     assert opts["VAE"]["Conversion"] == "decode"
     args = parser.parse_args(["bids", "out", "group", "--harmonizers", "rish,vae",
                               "--rish-resynthesis", "projection", "--rish-bvalue-mapping",
-                              "mono-exponential", "--vae-conversion", "location-scale"])
+                              "mono-exponential", "--vae-conversion", "residual"])
     opts = group_options(args)
     assert (opts["RISH"]["Resynthesis"], opts["RISH"]["BValueMapping"]) == (
         "projection", "mono-exponential")
-    assert opts["VAE"]["Conversion"] == "location-scale"
+    assert opts["VAE"]["Conversion"] == "residual"
     r = RISHStudy(resynthesis="projection", bvalue_mapping="none")
     assert (r.inputs.resynthesis, r.inputs.bvalue_mapping) == ("projection", "none")
     assert RISHStudy().inputs.resynthesis == "residual"
-    assert VAEStudy(conversion="location-scale").inputs.conversion == "location-scale"
+    assert VAEStudy(conversion="residual").inputs.conversion == "residual"
     assert opts["VAE"]["Resynthesis"] == "projection"
     assert VAEStudy(vae_resynthesis="residual").inputs.vae_resynthesis == "residual"
-    for bad in (["--rish-resynthesis", "decode"], ["--vae-conversion", "scale"],
+    for bad in (["--rish-resynthesis", "decode"], ["--vae-conversion", "location-scale"],
                 ["--rish-bvalue-mapping", "linear"]):
         with pytest.raises(_UsageError, match="invalid choice"):
             parser.parse_args(["bids", "out", "group", *bad])

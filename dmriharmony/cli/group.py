@@ -95,13 +95,10 @@ def add_group_arguments(p: argparse.ArgumentParser) -> None:
                    help="moyer: mutual-information bound and decoder adversary as published; "
                         "site_adversary (default): plus a latent site classifier the encoder "
                         "is trained to defeat")
-    v.add_argument("--vae-conversion", choices=["decode", "residual", "location-scale"],
-                   default="decode",
+    v.add_argument("--vae-conversion", choices=["decode", "residual"], default="decode",
                    help="decode (default, Moyer et al.): write the decoded signal D(z, target); "
                         "residual: the measured signal plus the decoder's change of site, "
-                        "x + D(z, target) - D(z, source), which keeps each scan's own detail; "
-                        "location-scale: the residual x - D(z, source) also rescaled to the "
-                        "target site's noise level (ComBat's location/scale model in the VAE)")
+                        "x + D(z, target) - D(z, source), which keeps each scan's own detail")
     v.add_argument("--vae-resynthesis", choices=["projection", "residual"],
                    default="projection",
                    help="residual conversions: write the harmonized SH signal on the run's "

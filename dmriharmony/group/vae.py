@@ -34,7 +34,9 @@ __all__ = ["CONVERSIONS", "vae_study"]
 
 #: How a run is converted: ``decode`` (Moyer et al. 2020), ``residual`` (measured signal plus
 #: the decoder's change of site code), ``location-scale`` (the residual also rescaled to the
-#: target site's noise level): :meth:`dmriharmony.harmonizers.vae.SiteInvariantVAE.transform`.
+#: target site's residual level; experimental, API only: on the traveling-subject phantom it
+#: made the FA site effect worse, ``benchmarks/results/traveling.md``):
+#: :meth:`dmriharmony.harmonizers.vae.SiteInvariantVAE.transform`.
 CONVERSIONS = ("decode", "residual", "location-scale")
 
 LOGGER = logging.getLogger(__name__)

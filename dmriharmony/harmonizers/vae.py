@@ -494,7 +494,11 @@ class SiteInvariantVAE:
             the site's mean signal, and the residual is rescaled to the target site's noise
             level, so that noise-driven biases of nonlinear maps (FA rises with noise) match
             too. For the site-average code, ``r_target`` is the root mean square of the sites'
-            ``r``. Not in Moyer et al. (2020): our extension, documented as such.
+            ``r``. Not in Moyer et al. (2020): our extension, experimental. Measured on the
+            traveling-subject phantom (``benchmarks/results/traveling.md``) it made the FA site
+            effect worse (ROI means -236 %): the encoder keeps part of a noisy site's noise in
+            z, so ``r_site`` follows what the autoencoder cannot reconstruct rather than the
+            noise level. Not offered on the command line.
         """
         self._check_fitted()
         if scale_residual and not residual:

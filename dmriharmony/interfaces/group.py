@@ -289,10 +289,9 @@ class _VAEInputSpec(_RISHInputSpec):
     mode = traits.Enum("site_adversary", "moyer", usedefault=True,
                        desc="moyer: MI bound + decoder adversary (Moyer et al. 2020); "
                             "site_adversary: plus a latent site classifier the encoder defeats")
-    conversion = traits.Enum("decode", "residual", "location-scale", usedefault=True,
+    conversion = traits.Enum("decode", "residual", usedefault=True,
                              desc="decode: D(z, target) (Moyer et al.); residual: "
-                                  "x + D(z, target) - D(z, source); location-scale: "
-                                  "D(z, target) + (x - D(z, source)) r_target / r_source")
+                                  "x + D(z, target) - D(z, source)")
     vae_resynthesis = traits.Enum("projection", "residual", usedefault=True,
                                   desc="residual conversions: write the harmonized SH signal "
                                        "(projection) or the measured shell plus its change")
