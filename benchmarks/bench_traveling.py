@@ -51,6 +51,8 @@ VARIANTS = {
     "rish-plain-8mm": dict(kind="rish", covariates=(), smoothing_fwhm=8.0),
     "rish-adjusted-8mm": dict(kind="rish", covariates=("age", "sex", "dx"), smoothing_fwhm=8.0),
     "voxel-combat": dict(kind="combat"),
+    "voxel-combat-n5": dict(kind="combat", per_site=5),
+    "voxel-combat-n10": dict(kind="combat", per_site=10),
     "vae-decode": dict(kind="vae", conversion="decode"),
     "vae-residual": dict(kind="vae", conversion="residual"),
     "vae-location-scale": dict(kind="vae", conversion="location-scale"),
@@ -74,6 +76,8 @@ LEGEND = {
     "rish-adjusted-8mm": "rish-adjusted with 8 mm scale-map smoothing",
     "voxel-combat": "voxel ComBat (out of core, parametric EB; age, sex, dx protected) of the "
                     "template-space FA/MD, fitted on the single-site runs",
+    "voxel-combat-n5": "voxel-combat fitted on 5 single-site runs per site (sample-size check)",
+    "voxel-combat-n10": "voxel-combat fitted on 10 single-site runs per site",
     "vae-decode": "VAE, decoded signal D(z, site average) (Moyer et al. 2020, the default)",
     "vae-residual": "VAE, x + D(z, t) - D(z, s), re-synthesised from the common SH "
                     "representation",
@@ -156,7 +160,7 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
 
     t0 = time.perf_counter()
     if spec["kind"] == "combat":
-        res = voxel_combat_variant(ds, deriv)
+        res = voxel_combat_variant(ds, deriv, spec.get("per_site"), seed)
         res["wall_s"] = time.perf_counter() - t0
         return res
     if spec["kind"] == "rish":
@@ -188,7 +192,8 @@ def _covariates(table: pd.DataFrame) -> pd.DataFrame:
                          "dx": table["dx"].astype(float)})
 
 
-def voxel_combat_variant(ds: Path, deriv: Path) -> dict:
+def voxel_combat_variant(ds: Path, deriv: Path, per_site: int | None = None,
+                         seed: int = 0) -> dict:
     """Voxel ComBat (Fortin et al. 2017) on the template-space maps, scored like RISH/VAE.
 
     The out-of-core :class:`~dmriharmony.harmonizers.voxel_combat.VoxelComBat` (parametric EB;
@@ -197,7 +202,9 @@ def voxel_combat_variant(ds: Path, deriv: Path) -> dict:
     of the seen sites (the group level's ``--level voxel``); the traveling scores use the same
     code as RISH and the VAE (:class:`dmriharmony.group.rish.HarmonizedOutputs`). The dx
     effect comes from a second fit on the TBSS skeleton maps (``--level skeleton``), whose
-    harmonized values give the ENIGMA ROI means of the single-site runs.
+    harmonized values give the ENIGMA ROI means of the single-site runs. ``per_site``: fit on
+    that many single-site runs per site only (drawn with ``seed``), to see how the per-voxel
+    estimates' sampling error limits the voxelwise result.
     """
     from dmriharmony.group.maps import collect_maps
     from dmriharmony.group.rish import HarmonizedOutputs
@@ -219,6 +226,13 @@ def voxel_combat_variant(ds: Path, deriv: Path) -> dict:
                            for f in t["path"]])
             cov = _covariates(t)
             train = ~t["traveling"].to_numpy(bool)
+            if per_site is not None:
+                pick = np.zeros_like(train)
+                gen = np.random.default_rng(seed)
+                for site in sorted(t["site"][train].unique()):
+                    rows = np.flatnonzero(train & (t["site"] == site).to_numpy())
+                    pick[gen.choice(rows, min(per_site, rows.size), replace=False)] = True
+                train = pick
             model = VoxelComBat().fit(X[train], t["site"][train].to_numpy(), cov[train])
             if level == "voxel":
                 trav = ~train
