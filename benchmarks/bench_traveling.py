@@ -57,6 +57,7 @@ VARIANTS = {
     "vae-residual": dict(kind="vae", conversion="residual"),
     "vae-location-scale": dict(kind="vae", conversion="location-scale"),
     "vae-residual-signal": dict(kind="vae", conversion="residual", resynthesis="residual"),
+    "vae-moyer-residual": dict(kind="vae", conversion="residual", mode="moyer"),
     "vae-location-scale-signal": dict(kind="vae", conversion="location-scale",
                                       resynthesis="residual"),
 }
@@ -84,6 +85,8 @@ LEGEND = {
     "vae-location-scale": "VAE, D(z, t) + (x - D(z, s)) r_t / r_s (residual rescaled to the "
                           "target's noise level), from the common SH representation",
     "vae-residual-signal": "vae-residual written as the measured shell plus the SH change",
+    "vae-moyer-residual": "vae-residual with the published loss only (--vae-mode moyer: MI "
+                          "bound and decoder adversary, no latent site classifier)",
     "vae-location-scale-signal": "vae-location-scale written as the measured shell plus the "
                                  "SH change",
 }
@@ -172,13 +175,13 @@ def run_variant(name: str, spec: dict, ds: Path, deriv: Path, work: Path, seed: 
                          progress=False, roi_dir=vdir / "tbss")
     else:
         torch.manual_seed(seed)
-        res = vae_study(ds, deriv, seed=seed, config=small_config(seed=seed,
-                                                                  mode="site_adversary"),
-                        conversion=spec["conversion"], model=vae_models.get("model"),
+        mode = spec.get("mode", "site_adversary")
+        res = vae_study(ds, deriv, seed=seed, config=small_config(seed=seed, mode=mode),
+                        conversion=spec["conversion"], model=vae_models.get(mode),
                         resynthesis=spec.get("resynthesis", "projection"),
                         write=write, progress=False, roi_dir=vdir / "tbss")
-        vae_models.setdefault("model", res["model"])
-        vae_models.setdefault("latent", res["latent"])
+        vae_models.setdefault(mode, res["model"])
+        res["latent"] = {**res["latent"], "mode": mode} if res["latent"] else {}
     wall = time.perf_counter() - t0
     res["wall_s"] = wall
     res["roi_table"] = _roi_table(res["roi_files"], ds, deriv)
@@ -313,7 +316,7 @@ def main(argv=None) -> int:
                                      "before": before_dx.loc[truth.index].to_numpy(),
                                      "after": after_dx.loc[truth.index].to_numpy()}))
         if res.get("latent"):
-            latent = res["latent"]
+            latent[res["latent"]["mode"]] = res["latent"]
         print(f"{name}: {res['wall_s']:.0f} s", flush=True)
     scores = pd.concat(rows, ignore_index=True)
     dx = pd.concat(dx_rows, ignore_index=True)
@@ -325,7 +328,10 @@ def main(argv=None) -> int:
         dx = pd.concat([old_dx[~old_dx["variant"].isin(done)], dx], ignore_index=True)
         meta = json.loads((work / "traveling_meta.json").read_text())
         walls = {**{k: v for k, v in meta["walls"].items() if k not in done}, **walls}
-        latent = latent or meta.get("latent", {})
+        old_latent = meta.get("latent", {})
+        if "balanced_accuracy" in old_latent:  # an earlier run's single (site_adversary) entry
+            old_latent = {"site_adversary": {**old_latent, "mode": "site_adversary"}}
+        latent = {**old_latent, **latent}
         prep["times"] = prep["times"] or meta.get("times", {})
     scores.to_csv(work / "traveling_scores.tsv", sep="\t", index=False)
     dx.to_csv(work / "traveling_dx.tsv", sep="\t", index=False)
@@ -413,8 +419,12 @@ def write_markdown(args, scores, dx, walls, latent, times, ds) -> None:
                      f"{100 * shift / abs(g['truth'].mean()):.1f} % | "
                      f"{100 * c_shift / abs(g.loc[cgc, 'before'].mean()):.1f} % |")
     if latent:
-        lines += ["", f"VAE latent code z -> site balanced accuracy on held-out voxels: "
-                  f"{latent['balanced_accuracy']:.3f} (chance {latent['chance']:.3f})."]
+        if "balanced_accuracy" in latent:
+            latent = {"site_adversary": latent}
+        lines += ["", "VAE latent code z -> site balanced accuracy on held-out voxels: " +
+                  "; ".join(f"{mode} mode {v['balanced_accuracy']:.3f}"
+                            for mode, v in sorted(latent.items())) +
+                  f" (chance {next(iter(latent.values()))['chance']:.3f})."]
     lines += ["", "Wall time per variant (SH fits, harmonization, DTI refit, TBSS projection; "
               "the VAE variants share one trained model): " +
               ", ".join(f"{k} {v / 60:.1f} min" for k, v in walls.items()) + ".", ""]

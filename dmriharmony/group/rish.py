@@ -416,7 +416,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     from dmriharmony.sh.fit import fit_shells
 
     regs = {}
-    feats, sites, subjects = [], [], []
+    feats, sites = [], []
     notes: list[str] = [f"rish: re-synthesis {resynthesis}"]
     template_runs = [r for r in runs if not r.traveling]
     keep, cov, cov_names, cov_notes = template_covariates(
@@ -452,7 +452,6 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
                                 axis=-1) for b, m in rish_maps(fit).items()}
             feats.append(maps)
             sites.append(run.site)
-            subjects.append(run.subject)
     model = probe.fit(
         feats, sites, template.mask, voxel_size=np.abs(np.diag(template.affine)[:3]),
         covariates=cov, covariate_names=cov_names)

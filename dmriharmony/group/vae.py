@@ -83,7 +83,8 @@ def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str |
     site code, ``x + D(z, target) - D(z, source)``
     (:meth:`~dmriharmony.harmonizers.vae.SiteInvariantVAE.transform`);
     ``"location-scale"`` writes ``D(z, target) + (x - D(z, source)) r_target / r_source``, the
-    residual rescaled to the target site's unexplained (noise) level. ``model``: a fitted
+    residual rescaled to the target site's unexplained level (experimental, see
+    :data:`CONVERSIONS`). ``model``: a fitted
     :class:`~dmriharmony.harmonizers.vae.SiteInvariantVAE` (e.g. loaded from a checkpoint) to
     convert with instead of training one; it must know the study's sites and representation.
 
