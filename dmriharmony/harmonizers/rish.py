@@ -8,13 +8,19 @@ of a target site is ``sqrt(E_ref,l / E_site,l)`` (2016, eq. 4), smoothed and cli
 target scan's order-``l`` coefficients are multiplied by its scale map warped back to the scan
 (:func:`harmonize_dwi`). The signal is then re-synthesised on the scan's own gradient table
 and the tensor refitted, which is what makes it a *signal-level* harmonizer: every later model
-(DTI, DKI, tractography) sees harmonized data.
+(DTI, DKI, tractography) sees harmonized data. By default the re-synthesised DWI is the
+measured one plus the change of the fitted SH signal (``resynthesis="residual"``; the papers
+write the scaled SH signal itself, ``"projection"``, which with few directions also drops real
+signal: see :func:`harmonize_dwi`).
 
 Shells and b-values (documented choice): RISH compares like with like, so each target shell is
 matched to the reference site's shell of nearest b-value (within ``bvalue_tol`` relative); its
 scaled signal then *is* the reference shell's, and :func:`harmonize_dwi` writes it with the
 reference b-value so that a refit sees the b it carries (e.g. Philips b=800 mapped onto GE
-b=1000). Target shells with no reference shell within tolerance (e.g. Siemens' b=2000 against a
+b=1000); optionally the shell is first mapped onto the reference b-value with the
+mono-exponential rule (:func:`map_shells`, Cetin Karayumak et al. 2019; off by default, as it
+did worse on the traveling-subject phantom). Target shells with no reference shell within
+tolerance (e.g. Siemens' b=2000 against a
 single-shell b=1000 reference) are left as they are and reported. Orders above the lowest order
 fitted at a site for that shell are left unscaled.
 
