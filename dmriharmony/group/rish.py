@@ -349,12 +349,12 @@ def template_covariates(participants_tsv: str | Path, subjects: list[str],
 
 def _reference_bvalues(runs: list[RISHRun]) -> list[float]:
     """The shells (mean b-values, rounded) of the reference site's template runs."""
+    from dmriharmony.dti.gradients import read_bvals
     from dmriharmony.sh.fit import find_shells
 
     out: set[float] = set()
     for run in runs:
-        bvals = np.loadtxt(run.bval, ndmin=1)
-        out.update(round(float(b), 1) for b, _ in find_shells(bvals))
+        out.update(round(float(b), 1) for b, _ in find_shells(read_bvals(run.bval)))
     return sorted(out)
 
 
@@ -401,6 +401,7 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
         map_shells,
         rish_maps,
     )
+    from dmriharmony.sh.fit import fit_shells
     from dmriharmony.tbss.templates import load_template
 
     def _save(path: Path, img: nib.Nifti1Image) -> None:
@@ -413,8 +414,6 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
     write = write or _save
     runs = collect_rish_runs(bids_dir, deriv_dir)
     template = load_template(template_source, template_dir)
-    from dmriharmony.sh.fit import fit_shells
-
     regs = {}
     feats, sites = [], []
     notes: list[str] = [f"rish: re-synthesis {resynthesis}"]
@@ -424,15 +423,17 @@ def rish_study(bids_dir: str | Path, deriv_dir: str | Path, *, reference_site: s
         list(covariates), template_subjects)
     notes.extend(cov_notes)
     template_runs = [r for r, k in zip(template_runs, keep, strict=True) if k]
-    # b-value mapping (Cetin Karayumak et al. 2019): every run's shells matched to a shell of
-    # the reference site are mapped onto its b-value before the features and the scaling
     probe = RISHHarmonizer(reference_site, smoothing_fwhm=smoothing_fwhm,
                            tissue_aware=tissue_aware_smoothing)
-    ref_site = reference_site or probe.default_reference([r.site for r in template_runs])
-    ref_b = _reference_bvalues([r for r in template_runs if r.site == ref_site])
-    if not ref_b:
-        raise HarmonizationError(f"RISH reference site {ref_site!r} has no template runs "
-                                 f"(sites: {', '.join(sorted({r.site for r in runs}))})")
+    ref_b: list[float] = []
+    if bvalue_mapping:
+        # b-value mapping (Cetin Karayumak et al. 2019): every run's shells matched to a shell
+        # of the reference site are mapped onto its b-value before the features and scaling
+        ref_site = reference_site or probe.default_reference([r.site for r in template_runs])
+        ref_b = _reference_bvalues([r for r in template_runs if r.site == ref_site])
+        if not ref_b:
+            raise HarmonizationError(f"RISH reference site {ref_site!r} has no template runs "
+                                     f"(sites: {', '.join(sorted({r.site for r in runs}))})")
 
     def target_bvalue(b: float) -> float | None:
         near = min(ref_b, key=lambda r: abs(r - b))

@@ -56,16 +56,12 @@ def _common_order(fits, bvalue: float, max_order: int) -> int:
 def _measured_at(signal: np.ndarray, b0: np.ndarray, measured_b: float, bvalue: float,
                  mask: np.ndarray) -> np.ndarray:
     """A shell's measured DWI at ``bvalue``: as it is when the b-values agree (within 1 %),
-    else per direction with the mono-exponential rule ``S0 E^(bvalue / measured_b)``, the rule
-    of :func:`dmriharmony.sh.fit.map_to_bvalue` (0 outside ``mask``)."""
-    signal = np.asarray(signal, dtype=float)
+    else mapped with :func:`dmriharmony.sh.fit.mono_exponential_signal` (0 outside ``mask``)."""
+    from dmriharmony.sh.fit import mono_exponential_signal
+
     if abs(measured_b - bvalue) <= 0.01 * bvalue:
-        return signal
-    s0 = np.asarray(b0, dtype=float)[..., None]
-    out = np.zeros_like(signal)
-    e = np.clip(signal[mask] / np.where(s0[mask] > 0, s0[mask], 1.0), 1e-6, None)
-    out[mask] = s0[mask] * e ** (bvalue / measured_b)
-    return out
+        return np.asarray(signal, dtype=float)
+    return mono_exponential_signal(signal, b0, measured_b, bvalue, mask)
 
 
 def vae_study(bids_dir: str | Path, deriv_dir: str | Path, *, target_site: str | None = None,

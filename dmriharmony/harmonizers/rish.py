@@ -41,7 +41,14 @@ import numpy as np
 from scipy import ndimage
 
 from dmriharmony.errors import HarmonizationError
-from dmriharmony.sh.fit import B0_THRESHOLD, SHELL_TOL, SHFit, find_shells, fit_shells
+from dmriharmony.sh.fit import (
+    B0_THRESHOLD,
+    SHELL_TOL,
+    SHFit,
+    find_shells,
+    fit_shells,
+    mono_exponential_signal,
+)
 from dmriharmony.sh.rish import rish_features, scale_by_order
 
 __all__ = ["RESYNTHESIS", "RISHHarmonizer", "harmonize_dwi", "map_shells", "rish_maps",
@@ -427,9 +434,8 @@ def map_shells(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, target_bva
             continue
         if out is data:
             out = data.copy()
-        e = np.clip(data[ok][:, idx] / s0[ok][:, None], 1e-6, None)
         block = out[..., idx]
-        block[ok] = s0[ok][:, None] * e ** (ref / b)
+        block[ok] = mono_exponential_signal(data[..., idx], s0, b, ref, ok)[ok]
         out[..., idx] = block
         new_bvals[idx] = ref
         notes.append(f"shell b={b:g} mapped to b={ref:g} (mono-exponential)")

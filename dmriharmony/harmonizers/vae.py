@@ -513,8 +513,7 @@ class SiteInvariantVAE:
         code = self._site_code(target_site, 1)
         own = ratio = None
         if residual:
-            idx_np = site_index(labels, self.sites_)
-            idx = torch.from_numpy(idx_np).to(self.device)
+            idx = torch.from_numpy(site_index(labels, self.sites_)).to(self.device)
             own = F.one_hot(idx, len(self.sites_)).float()
             if scale_residual:
                 sd = np.maximum(np.asarray(self.residual_sd_, dtype=np.float64), 1e-12)

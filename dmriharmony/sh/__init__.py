@@ -26,6 +26,7 @@ from dmriharmony.sh.fit import (
     fit_sh,
     fit_shells,
     map_to_bvalue,
+    mono_exponential_signal,
     normalize_by_b0,
 )
 from dmriharmony.sh.neighbourhood import (
@@ -46,6 +47,7 @@ __all__ = [
     "fit_sh",
     "fit_shells",
     "map_to_bvalue",
+    "mono_exponential_signal",
     "n_coeffs",
     "n_unique_directions",
     "neighbourhood_features",

@@ -330,6 +330,24 @@ def fit_shells(
     return SHFit(b0=s0, shells=shells, mask=mask, smooth=smooth, shell_tol=shell_tol)
 
 
+def mono_exponential_signal(signal: np.ndarray, s0: np.ndarray, from_b: float, to_b: float,
+                            mask: np.ndarray) -> np.ndarray:
+    """Measured DWI of one shell moved from b-value ``from_b`` to ``to_b`` direction by
+    direction, ``S0 (S / S0)^(to_b / from_b)`` -- the mono-exponential rule of
+    :func:`map_to_bvalue`, applied to the measured signal instead of its SH fit.
+
+    ``signal`` is (..., n_directions), ``s0`` the b=0 signal (...), ``mask`` the voxels to map
+    (others are 0 in the result; voxels with ``S0 <= 0`` too).
+    """
+    signal = np.asarray(signal, dtype=float)
+    s0 = np.asarray(s0, dtype=float)
+    ok = np.asarray(mask, bool) & (s0 > 0)
+    out = np.zeros_like(signal)
+    e = np.clip(signal[ok] / s0[ok][:, None], _EPS, None)
+    out[ok] = s0[ok][:, None] * e ** (float(to_b) / float(from_b))
+    return out
+
+
 def map_to_bvalue(
     fit: SHFit, bvalue: float, *, order: int | None = None, sphere_dirs: np.ndarray | None = None,
 ) -> ShellSH:
